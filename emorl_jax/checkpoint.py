@@ -1,0 +1,249 @@
+"""Hugging Face safetensors <-> AudioLM params (streamed tensor by tensor), and orbax save/restore.
+
+The HF names follow the published Qwen2-Audio checkpoint (`audio_tower.*`, `multi_modal_projector.*`,
+`language_model.model.*`, `language_model.lm_head.weight`); transformers 5's in-memory names
+(`model.language_model.*`, `lm_head.weight`) are accepted too. Conversion is a rename plus a transpose:
+linear `weight` [out, in] <-> `kernel` [in, out]; conv `weight` [out, in, k] <-> `kernel` [k, in, out];
+norm `weight` <-> `scale`; embedding `weight` <-> `embedding`. Layer i of a stack is row i of the stacked param.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from emorl_jax.config import DTYPES, AudioEncoderConfig, AudioLMConfig, TextConfig, from_hf_config, to_hf_config
+from emorl_jax.models.audio_lm import AudioLM
+from emorl_jax.sharding import _path_names, param_shardings
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read into the configured model; the message names the tensor/file."""
+
+
+_PREFIX = {"audio_tower": "audio_tower", "multi_modal_projector": "multi_modal_projector",
+           "language_model": "language_model.model", "lm_head": "language_model.lm_head"}
+_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+_V5_ALIASES = (("model.language_model.", "language_model.model."), ("model.audio_tower.", "audio_tower."),
+               ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head."))
+
+
+def hf_names(path: Sequence[str], num_layers: int) -> list[str]:
+    """HF tensor names of the param at `path`: one name, or one per layer for a stacked param."""
+    top, *mods, leaf = path
+    if (top, leaf) == ("audio_tower", "embed_positions") and not mods:
+        return ["audio_tower.embed_positions.weight"]
+    if _stacked(path):
+        suffix = ".".join([*mods[1:], _LEAF[leaf]])
+        return [f"{_PREFIX[top]}.layers.{i}.{suffix}" for i in range(num_layers)]
+    return [f"{_PREFIX[top]}.{'.'.join([*mods, _LEAF[leaf]])}"]
+
+
+def _to_jax_layout(leaf: str, w: np.ndarray) -> np.ndarray:
+    if leaf == "kernel":
+        return w.transpose(2, 1, 0) if w.ndim == 3 else w.T
+    return w
+
+
+_to_hf_layout = _to_jax_layout  # both transposes are their own inverse
+
+
+def _param_paths(state) -> list[tuple[list[str], jax.ShapeDtypeStruct]]:
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    return [([n for n in _path_names(p) if n != "value"], x) for p, x in leaves]
+
+
+def _stacked(path: Sequence[str]) -> bool:
+    return list(path[1:2]) == ["layers"]
+
+
+def _num_layers(cfg: AudioLMConfig, path: Sequence[str]) -> int:
+    return cfg.audio.encoder_layers if path[0] == "audio_tower" else cfg.text.num_hidden_layers
+
+
+class _SafetensorsDir:
+    """Tensor index over one `model.safetensors` or a sharded set listed in `model.safetensors.index.json`."""
+
+    def __init__(self, hf_dir: Path):
+        index = hf_dir / "model.safetensors.index.json"
+        if index.exists():
+            raw = {name: hf_dir / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            raw = {}
+            for f in sorted(hf_dir.glob("*.safetensors")):
+                with safe_open(f, framework="np") as handle:
+                    raw.update({name: f for name in handle.keys()})
+        if not raw:
+            bins = sorted(p.name for p in hf_dir.glob("*.bin"))
+            hint = (f"; found pickled PyTorch weights {bins}: pickled .bin checkpoints are refused (loading them "
+                    "can run arbitrary code). Convert them to safetensors first, e.g. load with transformers and "
+                    "`save_pretrained(dir, safe_serialization=True)`") if bins else ""
+            raise CheckpointError(f"{hf_dir}: no *.safetensors weights{hint}")
+        self.entries = {self.canonical(name): (f, name) for name, f in raw.items()}
+        self._handles: dict[Path, object] = {}
+
+    @staticmethod
+    def canonical(name: str) -> str:
+        for old, new in _V5_ALIASES:
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
+    def file(self, name: str) -> Path:
+        return self.entries[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle, raw = self._open(name)
+        return tuple(handle.get_slice(raw).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        handle, raw = self._open(name)
+        return handle.get_tensor(raw)
+
+    def _open(self, name: str):
+        if name not in self.entries:
+            raise CheckpointError(f"missing tensor {name}: not in any *.safetensors file")
+        f, raw = self.entries[name]
+        if f not in self._handles:
+            if not f.exists():
+                raise CheckpointError(f"{f}: listed in model.safetensors.index.json but missing")
+            self._handles[f] = safe_open(f, framework="np")
+        return self._handles[f], raw
+
+
+def abstract_model(cfg: AudioLMConfig) -> AudioLM:
+    """The model with ShapeDtypeStruct params: no memory allocated (`nnx.eval_shape`)."""
+    return nnx.eval_shape(lambda: AudioLM(cfg, rngs=nnx.Rngs(0)))
+
+
+def from_hf(hf_dir: str | os.PathLike, *, dtype: str = "bfloat16", param_dtype: str = "float32",
+            mesh: jax.sharding.Mesh | None = None) -> AudioLM:
+    """Reads a HF Qwen2-Audio directory (config.json + safetensors) into an AudioLM, tensor by tensor.
+
+    Peak host memory is about one stacked param plus one tensor. With a mesh, each param is placed with its
+    `sharding.param_shardings` sharding as soon as it is read.
+    """
+    hf_dir = Path(hf_dir)
+    config_file = hf_dir / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{hf_dir}: no config.json")
+    cfg = from_hf_config(json.loads(config_file.read_text()), dtype=dtype, param_dtype=param_dtype)
+    weights = _SafetensorsDir(hf_dir)
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    shardings = param_shardings(abstract, mesh) if mesh is not None else None
+    used: set[str] = set()
+
+    def load(path, leaf, sharding):
+        names = hf_names(path, _num_layers(cfg, path))
+        out = np.empty(leaf.shape, DTYPES[param_dtype])
+        for i, name in enumerate(names):
+            target = out[i] if _stacked(path) else out
+            expected = _to_jax_layout(path[-1], np.empty(target.shape, np.bool_)).shape
+            got = weights.shape(name)
+            if got != expected:
+                raise CheckpointError(f"{weights.file(name)}: tensor {name} has shape {list(got)} but the config "
+                                      f"expects {list(expected)}")
+            target[...] = _to_jax_layout(path[-1], weights.get(name)).astype(out.dtype)
+            used.add(name)
+        return jax.device_put(out, sharding) if sharding is not None else jnp.asarray(out)
+
+    paths = _param_paths(abstract)
+    sharding_leaves = jax.tree.leaves(shardings) if shardings is not None else [None] * len(paths)
+    values = [load(path, leaf, s) for (path, leaf), s in zip(paths, sharding_leaves)]
+    head = "language_model.lm_head.weight"
+    if cfg.text.tie_word_embeddings and head in weights.entries:
+        if not np.array_equal(weights.get(head), weights.get("language_model.model.embed_tokens.weight")):
+            raise CheckpointError(f"{weights.file(head)}: config.json ties the word embeddings but tensor {head} "
+                                  "differs from embed_tokens (transformers' Qwen2-Audio never ties them at run "
+                                  "time): set tie_word_embeddings to false")
+        used.add(head)
+    unexpected = sorted(set(weights.entries) - used)
+    if unexpected:
+        raise CheckpointError(f"{hf_dir}: unexpected tensor(s) not used by the config: {', '.join(unexpected[:10])}"
+                              + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+    state = jax.tree.unflatten(jax.tree.structure(abstract), values)
+    return nnx.merge(graphdef, state)
+
+
+def hf_tensors(model: AudioLM) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, HF-layout numpy array) for every tensor, one at a time."""
+    cfg = model.cfg
+    for path, value in _param_paths(nnx.state(model)):
+        names = hf_names(path, _num_layers(cfg, path))
+        host = np.asarray(jax.device_get(value))
+        for i, name in enumerate(names):
+            yield name, np.ascontiguousarray(_to_hf_layout(path[-1], host[i] if _stacked(path) else host))
+
+
+def to_hf(model: AudioLM, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes config.json + safetensors shards (+ index when sharded) that transformers loads."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(to_hf_config(model.cfg), indent=2))
+    shards, current, size = [], {}, 0
+    for name, tensor in hf_tensors(model):
+        if current and size + tensor.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += tensor.nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.nbytes for s in shards for t in s.values())
+    (out_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def config_to_json(cfg: AudioLMConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2)
+
+
+def config_from_json(text: str) -> AudioLMConfig:
+    d = json.loads(text)
+    return AudioLMConfig(audio=AudioEncoderConfig(**d.pop("audio")), text=TextConfig(**d.pop("text")), **d)
+
+
+def save(model: AudioLM, directory: str | os.PathLike) -> None:
+    """Saves params (orbax) and the model config (model_config.json) under `directory`."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "model_config.json").write_text(config_to_json(model.cfg))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / "params", nnx.state(model))
+
+
+def restore(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None
+            ) -> AudioLM:
+    """Restores a `save`d model, each param placed with its sharding on `mesh` (or on the default device)."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    cfg = config_from_json((directory / "model_config.json").read_text())
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    if mesh is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                                param_shardings(abstract, mesh))
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(directory / "params", abstract)
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,130 @@
+"""Model configuration: frozen dataclasses built from an ml_collections ConfigDict or a HF config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioEncoderConfig:
+    """Qwen2-Audio audio tower (Whisper-style). A window of 2*max_source_positions mel frames."""
+
+    d_model: int = 1280
+    encoder_layers: int = 32
+    encoder_attention_heads: int = 20
+    encoder_ffn_dim: int = 5120
+    num_mel_bins: int = 128
+    max_source_positions: int = 1500
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def num_frames(self) -> int:
+        """Mel frames in one audio window (3000 = 30 s for Qwen2-Audio)."""
+        return 2 * self.max_source_positions
+
+    @property
+    def num_embeddings(self) -> int:
+        """Audio embeddings one full window yields after conv stride 2 and avg-pool 2 (750)."""
+        return self.max_source_positions // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """Qwen2 decoder."""
+
+    vocab_size: int = 156032
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioLMConfig:
+    """Encoder + projector + decoder, plus compute/param dtypes and the audio placeholder id."""
+
+    audio: AudioEncoderConfig = AudioEncoderConfig()
+    text: TextConfig = TextConfig()
+    audio_token_index: int = 151646
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"
+    remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **kw) -> AudioLMConfig:
+        return dataclasses.replace(self, **kw)
+
+
+def _pick(cls, values: Mapping[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def from_hf_config(hf: Mapping[str, Any], *, dtype: str = "float32", param_dtype: str = "float32") -> AudioLMConfig:
+    """Reads a Qwen2-Audio `config.json` dict (transformers 4.x `rope_theta` or 5.x `rope_parameters`)."""
+    if hf.get("model_type") != "qwen2_audio":
+        raise ValueError(f"config.json: model_type is {hf.get('model_type')!r}, expected 'qwen2_audio'")
+    text = dict(hf["text_config"])
+    if text.get("use_sliding_window"):
+        raise ValueError("config.json: text_config.use_sliding_window=true is not supported")
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"config.json: rope scaling {rope} is not supported")
+    text.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+    text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+    audio = _pick(AudioEncoderConfig, hf["audio_config"])
+    return AudioLMConfig(
+        audio=audio,
+        text=_pick(TextConfig, text),
+        audio_token_index=hf.get("audio_token_index", hf.get("audio_token_id", 151646)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+
+
+def to_hf_config(cfg: AudioLMConfig) -> dict[str, Any]:
+    """The inverse of `from_hf_config`: a config.json dict transformers' Qwen2AudioConfig accepts."""
+    text = dataclasses.asdict(cfg.text)
+    text.update(model_type="qwen2", hidden_act="silu", use_sliding_window=False)
+    audio = dataclasses.asdict(cfg.audio)
+    del audio["layer_norm_eps"]
+    audio.update(model_type="qwen2_audio_encoder", activation_function="gelu", scale_embedding=False)
+    return {
+        "architectures": ["Qwen2AudioForConditionalGeneration"],
+        "model_type": "qwen2_audio",
+        "audio_token_index": cfg.audio_token_index,
+        "audio_config": audio,
+        "text_config": text,
+        "tie_word_embeddings": cfg.text.tie_word_embeddings,
+    }
+
+
+def from_config_dict(model: Mapping[str, Any]) -> AudioLMConfig:
+    """Builds the model config from the `model` ConfigDict of a configs/*.py file."""
+    model = dict(model)
+    audio = _pick(AudioEncoderConfig, dict(model.pop("audio")))
+    text = _pick(TextConfig, dict(model.pop("text")))
+    return AudioLMConfig(audio=audio, text=text, **{k: v for k, v in model.items() if k in
+                                                   {"audio_token_index", "dtype", "param_dtype", "remat"}})

@@ -1,0 +1,99 @@
+"""Building blocks shared by the encoder and the decoder, and the scanned layer stack.
+
+Parameter names follow the HF checkpoint (`q_proj`, `fc1`, ...), with JAX leaf names: `kernel` [in, out] for
+linear layers, `embedding` [vocab, d] for embeddings, `scale`/`bias` for norms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_init = nnx.initializers.normal(0.02)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias); x [..., in] -> [..., out] in the compute dtype."""
+
+    def __init__(self, din: int, dout: int, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_init(rngs.params(), (din, dout), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, d]; `attend` gives tied-head logits."""
+
+    def __init__(self, num: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(_init(rngs.params(), (num, dim), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm, computed in fp32 and cast back to the compute dtype."""
+
+    def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Qwen2RMSNorm: normalise in fp32, cast to the compute dtype, then scale."""
+
+    def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+def stack_layers(make: Callable[[], nnx.Module], n: int) -> nnx.Module:
+    """Builds `n` layers and stacks their params on a new leading axis, for `scan_layers`."""
+    layers = [make() for _ in range(n)]
+    graphdef, _ = nnx.split(layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in layers])
+    return nnx.merge(graphdef, stacked)
+
+
+def scan_layers(stacked: nnx.Module, step: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], carry, xs=None, *,
+                remat: bool = False):
+    """Runs `carry, y = step(layer, carry, x)` over the stacked layers with `jax.lax.scan`.
+
+    Compile time does not grow with depth. `xs`/the returned ys have the layer axis first.
+    """
+    graphdef, params = nnx.split(stacked)
+
+    def body(carry, inputs):
+        layer_params, x = inputs
+        return step(nnx.merge(graphdef, layer_params), carry, x)
+
+    if remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    return jax.lax.scan(body, carry, (params, xs))
