@@ -128,3 +128,34 @@ def from_config_dict(model: Mapping[str, Any]) -> AudioLMConfig:
     text = _pick(TextConfig, dict(model.pop("text")))
     return AudioLMConfig(audio=audio, text=text, **{k: v for k, v in model.items() if k in
                                                    {"audio_token_index", "dtype", "param_dtype", "remat"}})
+
+
+def model_config_dict(cfg: AudioLMConfig):
+    """The `model` ConfigDict for configs/*.py files (the inverse of `from_config_dict`)."""
+    import ml_collections
+
+    d = dataclasses.asdict(cfg)
+    return ml_collections.ConfigDict(d)
+
+
+# Qwen2-Audio-7B-Instruct as published (config.json of Qwen/Qwen2-Audio-7B-Instruct).
+QWEN2_AUDIO_7B = AudioLMConfig(
+    audio=AudioEncoderConfig(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+                             num_mel_bins=128, max_source_positions=1500),
+    text=TextConfig(vocab_size=156032, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+                    max_position_embeddings=8192, tie_word_embeddings=False),
+    audio_token_index=151646,
+)
+
+# A tiny model for tests and CPU runs: a 4 s audio window (400 mel frames -> 100 audio embeddings), same code
+# path. vocab_size and audio_token_index are set from the tokenizer a run trains.
+TINY = AudioLMConfig(
+    audio=AudioEncoderConfig(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+                             num_mel_bins=80, max_source_positions=200),
+    text=TextConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+                    max_position_embeddings=1024, tie_word_embeddings=True),
+    audio_token_index=5,
+    dtype="float32",
+)

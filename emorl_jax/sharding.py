@@ -51,7 +51,8 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] |
         shape[shape.index(-1)] = len(devices) // known
     if int(np.prod(shape)) != len(devices):
         raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
-    return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices)
+    auto = (jax.sharding.AxisType.Auto,) * 3  # GSPMD propagation (pjit style), not sharding-in-types
+    return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices, axis_types=auto)
 
 
 def _path_names(path) -> list[str]:
@@ -90,3 +91,26 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def shard_model(model, mesh: Mesh):
+    """Splits an nnx model and places its params on `mesh`: returns (graphdef, sharded state, shardings)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    shardings = param_shardings(state, mesh)
+    return graphdef, jax.device_put(state, shardings), shardings
+
+
+def jit_forward(graphdef, shardings, mesh: Mesh):
+    """`logits = f(state, input_ids, input_features, feature_attention_mask, attention_mask)` under jax.jit with
+    NamedShardings: params as `shardings`, every batch input and the logits over ('data', 'fsdp')."""
+    from flax import nnx
+
+    def forward(state, input_ids, input_features, feature_attention_mask, attention_mask):
+        model = nnx.merge(graphdef, state)
+        return model(input_ids, input_features, feature_attention_mask, attention_mask)
+
+    batch = lambda ndim: batch_sharding(mesh, ndim)
+    return jax.jit(forward, in_shardings=(shardings, batch(2), batch(3), batch(2), batch(2)),
+                   out_shardings=batch(3))
