@@ -1,0 +1,148 @@
+"""The rollout sampler: greedy equals argmax decoding of the full forward; G rollouts equal separate runs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from emorl_jax.config import TINY
+from emorl_jax.models.audio_lm import AudioLM
+from emorl_jax.rl.sampler import SamplingParams, filter_logits, make_sampler, rollout_keys
+from emorl_jax.sharding import batch_sharding, make_mesh, shard_model
+
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A random tiny model with weights scaled up (std ~0.1), so greedy outputs are not one repeated token."""
+    m = AudioLM(TINY, rngs=nnx.Rngs(4))
+    nnx.update(m, jax.tree.map(lambda x: x * 5.0, nnx.state(m, nnx.Param)))
+    return m
+
+
+def _batch(cfg, seed=0):
+    """Two left-padded prompts, each with one clip (400 and 250 valid frames)."""
+    rng = np.random.default_rng(seed)
+    frames = cfg.audio.num_frames
+    valid = np.array([frames, 250])
+    feats = rng.normal(size=(2, cfg.audio.num_mel_bins, frames)).astype(np.float32)
+    fmask = (np.arange(frames)[None] < valid[:, None]).astype(np.int32)
+    n_audio = ((valid - 1) // 2 + 1 - 2) // 2 + 1
+    rows = [[*rng.integers(10, 500, 3), *[cfg.audio_token_index] * n, *rng.integers(10, 500, 4)] for n in n_audio]
+    t = max(map(len, rows))
+    ids = np.array([[PAD] * (t - len(r)) + r for r in rows], np.int32)
+    mask = np.array([[0] * (t - len(r)) + [1] * len(r) for r in rows], np.int32)
+    return ids, mask, feats, fmask
+
+
+def _reference_greedy(model, ids, mask, feats, fmask, steps, eos):
+    """Argmax decoding that re-runs the full (uncached) forward on the growing sequence."""
+    out = []
+    for b in range(ids.shape[0]):
+        seq, m = list(ids[b]), list(mask[b])
+        row_feats, row_fmask = feats[b:b + 1], fmask[b:b + 1]
+        tokens = []
+        for _ in range(steps):
+            am = np.array([m])
+            pos = np.maximum(np.cumsum(am, -1) - 1, 0)
+            logits = model(jnp.array([seq]), jnp.asarray(row_feats), jnp.asarray(row_fmask), jnp.asarray(am),
+                           jnp.asarray(pos))
+            tok = int(jnp.argmax(logits[0, -1]))
+            tokens.append(tok)
+            seq.append(tok), m.append(1)
+            if tok in eos:
+                break
+        out.append(tokens)
+    return out
+
+
+def test_greedy_equals_argmax_of_full_forward_and_stops_at_any_eos(model):
+    ids, mask, feats, fmask = _batch(TINY)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    free = _reference_greedy(model, ids, mask, feats, fmask, 8, eos=())
+    # Make a token that first appears mid-sequence in each row an end-of-sequence id: both must be honoured.
+    firsts = [[t for i, t in enumerate(row) if i >= 2 and t not in row[:i]] for row in free]
+    eos = (firsts[0][0], next(t for t in firsts[1] if t not in free[0][:free[0].index(firsts[0][0])]))
+    graphdef, state = nnx.split(model)
+    sample = make_sampler(graphdef, group_size=1, eos_ids=eos, pad_id=PAD, params=params)
+    out = sample(state, ids, mask, feats, fmask, rollout_keys(jax.random.key(0), 2, 1))
+    expected = _reference_greedy(model, ids, mask, feats, fmask, 8, eos=eos)
+    for b in range(2):
+        n = len(expected[b])
+        assert list(np.asarray(out.tokens[b, :n])) == expected[b]
+        assert np.asarray(out.mask[b]).tolist() == [1] * n + [0] * (8 - n)  # EOS included in the mask
+        assert np.all(np.asarray(out.tokens[b, n:]) == PAD)
+    assert not np.asarray(out.truncated).any()
+
+
+def test_group_rollouts_equal_separate_runs_with_same_keys(model):
+    ids, mask, feats, fmask = _batch(TINY, seed=1)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50)
+    graphdef, state = nnx.split(model)
+    g = 3
+    keys = rollout_keys(jax.random.key(7), 2, g)
+    group = make_sampler(graphdef, group_size=g, eos_ids=(1,), pad_id=PAD, params=params)(
+        state, ids, mask, feats, fmask, keys)
+    single = make_sampler(graphdef, group_size=1, eos_ids=(1,), pad_id=PAD, params=params)
+    for b in range(2):
+        for r in range(g):
+            one = single(state, ids[b:b + 1], mask[b:b + 1], feats[b:b + 1], fmask[b:b + 1], keys[b * g + r][None])
+            row = b * g + r
+            assert np.array_equal(np.asarray(one.tokens[0]), np.asarray(group.tokens[row]))
+            np.testing.assert_allclose(np.asarray(one.logps[0]), np.asarray(group.logps[row]), atol=1e-5)
+    assert len({tuple(np.asarray(group.tokens[r])) for r in range(g)}) > 1  # rollouts differ
+
+
+def test_logps_at_temperature_one_are_model_logprobs(model):
+    ids, mask, feats, fmask = _batch(TINY, seed=2)
+    graphdef, state = nnx.split(model)
+    out = make_sampler(graphdef, group_size=2, eos_ids=(), pad_id=PAD, params=SamplingParams(max_new_tokens=5))(
+        state, ids, mask, feats, fmask, rollout_keys(jax.random.key(1), 2, 2))
+    assert np.asarray(out.truncated).all() and np.asarray(out.mask).all()
+    for row in range(4):
+        b = row // 2
+        seq = np.concatenate([ids[b], np.asarray(out.tokens[row])])[None]
+        am = np.concatenate([mask[b], np.ones(5, np.int32)])[None]
+        pos = np.maximum(np.cumsum(am, -1) - 1, 0)
+        logits = model(jnp.asarray(seq), jnp.asarray(feats[b:b + 1]), jnp.asarray(fmask[b:b + 1]), jnp.asarray(am),
+                       jnp.asarray(pos))
+        logp = jax.nn.log_softmax(logits[0, ids.shape[1] - 1:-1], axis=-1)
+        expected = np.take_along_axis(np.asarray(logp), np.asarray(out.tokens[row])[:, None], axis=-1)[:, 0]
+        np.testing.assert_allclose(np.asarray(out.logps[row]), expected, atol=2e-5)
+
+
+def test_filter_logits_against_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 30)).astype(np.float32)
+    params = SamplingParams(temperature=0.7, top_k=10, top_p=0.8)
+    got = np.asarray(filter_logits(jnp.asarray(logits), params))
+    for row, out in zip(logits, got):
+        scaled = row / 0.7
+        keep = set(np.argsort(-scaled)[:10])
+        order = [i for i in np.argsort(-scaled) if i in keep]
+        probs = np.exp(scaled[order] - scaled[order].max())
+        probs /= probs.sum()
+        above = np.cumsum(probs) - probs
+        keep = {i for i, a in zip(order, above) if a < 0.8}
+        assert {i for i in range(30) if np.isfinite(out[i])} == keep
+        assert np.allclose(out[sorted(keep)], scaled[sorted(keep)])
+
+
+def test_sharded_greedy_matches_single_device(model):
+    ids, mask, feats, fmask = _batch(TINY, seed=3)
+    ids, mask, feats, fmask = (np.repeat(x, 4, axis=0) for x in (ids, mask, feats, fmask))  # 8 prompts
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    graphdef, state = nnx.split(model)
+    keys = rollout_keys(jax.random.key(0), 8, 1)
+    expected = make_sampler(graphdef, group_size=1, eos_ids=(1,), pad_id=PAD, params=params)(
+        state, ids, mask, feats, fmask, keys)
+    mesh = make_mesh((2, 2, 2))
+    graphdef, sharded_state, _ = shard_model(model, mesh)
+    put = lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim))
+    got = make_sampler(graphdef, group_size=1, eos_ids=(1,), pad_id=PAD, params=params)(
+        sharded_state, put(ids), put(mask), put(feats), put(fmask), keys)
+    assert np.array_equal(np.asarray(got.tokens), np.asarray(expected.tokens))
