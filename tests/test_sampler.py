@@ -40,20 +40,21 @@ def _batch(cfg, seed=0):
 
 
 def _reference_greedy(model, ids, mask, feats, fmask, steps, eos):
-    """Argmax decoding that re-runs the full (uncached) forward on the growing sequence."""
+    """Argmax decoding that re-runs the full (uncached) forward on the growing sequence (right-padded to a fixed
+    length, so one compilation serves every step)."""
+    forward = nnx.jit(lambda m, *args: m(*args))
     out = []
     for b in range(ids.shape[0]):
-        seq, m = list(ids[b]), list(mask[b])
-        row_feats, row_fmask = feats[b:b + 1], fmask[b:b + 1]
-        tokens = []
+        seq = np.concatenate([ids[b], np.full(steps, PAD, np.int32)])[None]
+        am = np.concatenate([mask[b], np.zeros(steps, np.int32)])[None]
+        tokens, cur = [], ids.shape[1]
         for _ in range(steps):
-            am = np.array([m])
             pos = np.maximum(np.cumsum(am, -1) - 1, 0)
-            logits = model(jnp.array([seq]), jnp.asarray(row_feats), jnp.asarray(row_fmask), jnp.asarray(am),
-                           jnp.asarray(pos))
-            tok = int(jnp.argmax(logits[0, -1]))
+            logits = forward(model, seq, feats[b:b + 1], fmask[b:b + 1], am, pos)
+            tok = int(jnp.argmax(logits[0, cur - 1]))
             tokens.append(tok)
-            seq.append(tok), m.append(1)
+            seq[0, cur], am[0, cur] = tok, 1
+            cur += 1
             if tok in eos:
                 break
         out.append(tokens)
