@@ -247,3 +247,43 @@ def restore(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = No
     with ocp.StandardCheckpointer() as ckptr:
         state = ckptr.restore(directory / "params", abstract)
     return nnx.merge(graphdef, state)
+
+
+class TrainCheckpointer:
+    """Resumable training checkpoints under `<workdir>/checkpoints` (orbax CheckpointManager, async saves).
+
+    Each step holds the train state pytree (params, optimizer state, step; restored onto the shardings of the
+    `like` tree) and a JSON dict (stage, data-iterator state, anything else the loop needs to resume exactly).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            Path(workdir).absolute() / "checkpoints",
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
+            item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict, *, force: bool = False) -> None:
+        args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(state),
+                                        meta=self._ocp.args.JsonSave(meta))
+        self.manager.save(step, args=args, force=force)
+
+    def restore(self, like, step: int | None = None) -> tuple[object, dict]:
+        """Restores (state shaped and sharded like `like`, meta) from `step` (default: the latest)."""
+        step = self.manager.latest_step() if step is None else step
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
+        out = self.manager.restore(step, args=self._ocp.args.Composite(
+            state=self._ocp.args.StandardRestore(abstract), meta=self._ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

@@ -159,3 +159,73 @@ TINY = AudioLMConfig(
     audio_token_index=5,
     dtype="float32",
 )
+
+
+def base_run_config():
+    """Every key a training/eval run reads, with defaults. configs/*.py start from this and override.
+
+    Values marked (paper) are reported for EMO-RL; the rest are our defaults (DESIGN.md §5).
+    """
+    import ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.model = model_config_dict(TINY)
+    c.mesh = ml_collections.ConfigDict({"shape": (1, -1, 1)})  # (data, fsdp, tensor); -1 = the rest
+    c.init = ml_collections.ConfigDict({
+        "hf_dir": "",        # HF Qwen2-Audio snapshot to start from (config.json + safetensors)
+        "checkpoint": "",    # or an orbax checkpoint written by `python -m emorl_jax.convert`
+        "seed": 0,           # random init when both are empty (tiny models)
+    })
+    c.tokenizer = ml_collections.ConfigDict({
+        "path": "",          # tokenizer.json dir/file or SentencePiece .model; "" = train a SentencePiece model
+        "vocab_size": 512,   # when training one
+    })
+    c.data = ml_collections.ConfigDict({
+        "dataset": "synthetic",  # meld | iemocap | ravdess | savee | cremad | tess | synthetic | manifest
+        "data_dir": "",          # corpus root (manual_dir layout), manifest path, or "" = <workdir>/data
+        "labels": "meld",        # label set name (emotions.label_set)
+        "train_split": "train",
+        "eval_split": "test",
+        "fold": 0,               # IEMOCAP leave-one-session-out fold (1-5); 0 = not IEMOCAP
+        "bucket_multiple": 32,
+        "skip_bad_clips": False,
+        "worker_count": 0,
+        "max_seconds": 30.0,
+        # synthetic corpus
+        "synthetic_per_class": 60,
+        "synthetic_speakers": 6,
+        "synthetic_seed": 0,
+    })
+    c.prompt_mode = "esr"  # ir | eur | esr (DESIGN §5)
+    c.sft = ml_collections.ConfigDict({
+        "steps": 0, "batch_size": 8, "learning_rate": 1e-3, "micro_batches": 1,
+    })
+    c.rl = ml_collections.ConfigDict({
+        "steps": 100,
+        "batch_size": 4,             # prompts per step
+        "group_size": 6,             # G (paper, second-hand)
+        "learning_rate": 1e-6,       # (paper, second-hand)
+        "beta": 0.04,                # KL weight (ours)
+        "clip_eps": 0.2,             # (ours)
+        "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+        "max_new_tokens": 256,
+        "iterations": 1,             # mu: optimisation passes per batch of rollouts
+        "micro_batches": 1,          # gradient accumulation (splits prompts)
+        "loss_normalization": "sequence",  # sequence (paper) | token
+        "std_ddof": 0,
+        "skip_uniform_groups": True,  # groups whose rewards all equal give no gradient (no KL pull either)
+        "mask_truncated": True,       # completions without EOS give no gradient
+    })
+    c.reward = ml_collections.ConfigDict({
+        "accuracy": "eswr",          # eswr | binary (ablation)
+        "similarity": "plutchik",    # plutchik | circumplex | path to a JSON matrix
+        "gamma": 0.7, "alpha": 1.0, "alpha_schedule": "constant",  # constant | linear_decay
+        "format_weight": 1.0, "accuracy_weight": 1.0,
+    })
+    c.optim = ml_collections.ConfigDict({
+        "warmup_fraction": 0.03, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "grad_clip": 1.0,
+    })
+    c.train = ml_collections.ConfigDict({
+        "seed": 0, "log_every": 1, "checkpoint_every": 50, "keep_checkpoints": 2, "eval_batch_size": 16,
+    })
+    return c

@@ -121,11 +121,10 @@ class Qwen2Model(nnx.Module):
         Without a cache: causal attention over the T tokens. With one: the T tokens are written at
         `cache.index` and attend to every earlier real slot. Returns (hidden [B, T, d], updated cache).
         """
-        b, t, _ = embeds.shape
-        real = attention_mask.astype(bool)
+        t = embeds.shape[1]
         if cache is None:
             causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = causal[None] & real[:, None, :]
+            mask = causal[None] & attention_mask.astype(bool)[:, None, :]
             x, _ = scan_layers(self.layers, lambda layer, h, _: (layer(h, positions, mask)[0], None), embeds,
                                remat=self.remat)
             return self.norm(x), None
@@ -134,9 +133,6 @@ class Qwen2Model(nnx.Module):
         query_slot = cache.index + jnp.arange(t)
         mask = (jnp.arange(slots)[None, :] <= query_slot[:, None])[None] & kv_mask.astype(bool)[:, None, :]
 
-        def step(layer, h, kv):
-            h, kv = layer(h, positions, mask, kv, cache.index)
-            return h, kv
-
+        step = lambda layer, h, kv: layer(h, positions, mask, kv, cache.index)
         x, (k, v) = scan_layers(self.layers, step, embeds, (cache.k, cache.v), remat=self.remat)
         return self.norm(x), KVCache(k, v, kv_mask, cache.index + t)
