@@ -176,7 +176,10 @@ def from_hf(hf_dir: str | os.PathLike, *, dtype: str = "bfloat16", param_dtype: 
 
 
 def hf_tensors(model: AudioLM) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, HF-layout numpy array) for every tensor, one at a time."""
+    """(HF name, HF-layout numpy array) for every tensor, one at a time (LoRA adapters folded in first)."""
+    from emorl_jax.models.lora import merge_lora
+
+    model = merge_lora(model)
     cfg = model.cfg
     for path, value in _param_paths(nnx.state(model)):
         names = hf_names(path, _num_layers(cfg, path))

@@ -196,6 +196,11 @@ def base_run_config():
         "synthetic_speakers": 6,
         "synthetic_seed": 0,
     })
+    c.lora = ml_collections.ConfigDict({
+        "rank": 0,           # 0 = full fine-tuning (the paper's, implied); > 0 trains LoRA adapters only
+        "alpha": 16.0,
+        "targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    })
     c.prompt_mode = "esr"  # ir | eur | esr (DESIGN §5)
     c.sft = ml_collections.ConfigDict({
         "steps": 0, "batch_size": 8, "learning_rate": 1e-3, "micro_batches": 1,

@@ -62,7 +62,11 @@ def _path_names(path) -> list[str]:
 def logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
     """Logical axes of the param at `path` (e.g. ['language_model', 'layers', 'mlp', 'up_proj', 'kernel'])."""
     names = [n for n in path if n != "value"]
-    axes = _LEAF_AXES.get((names[-2], names[-1]), ()) if len(names) >= 2 else ()
+    if names[-1] in ("lora_a", "lora_b"):  # LoRA A [in, r] / B [r, out] follow their kernel's in / out axis
+        kernel = _LEAF_AXES.get((names[-2], "kernel"), (None, None))
+        axes = (kernel[0], None) if names[-1] == "lora_a" else (None, kernel[1])
+    else:
+        axes = _LEAF_AXES.get((names[-2], names[-1]), ()) if len(names) >= 2 else ()
     axes = (None,) * (ndim - len(axes)) + tuple(axes)  # leading layer axis, norms, biases: replicated
     if len(axes) != ndim:
         raise ValueError(f"param {'.'.join(names)}: {len(axes)} logical axes for a {ndim}-d array")
