@@ -70,7 +70,7 @@ def test_greedy_equals_argmax_of_full_forward_and_stops_at_any_eos(model):
     eos = (firsts[0][0], next(t for t in firsts[1] if t not in free[0][:free[0].index(firsts[0][0])]))
     graphdef, state = nnx.split(model)
     sample = make_sampler(graphdef, group_size=1, eos_ids=eos, pad_id=PAD, params=params)
-    out = sample(state, ids, mask, feats, fmask, rollout_keys(jax.random.key(0), 2, 1))
+    out = sample((state,), ids, mask, feats, fmask, rollout_keys(jax.random.key(0), 2, 1))
     expected = _reference_greedy(model, ids, mask, feats, fmask, 8, eos=eos)
     for b in range(2):
         n = len(expected[b])
@@ -87,11 +87,12 @@ def test_group_rollouts_equal_separate_runs_with_same_keys(model):
     g = 3
     keys = rollout_keys(jax.random.key(7), 2, g)
     group = make_sampler(graphdef, group_size=g, eos_ids=(1,), pad_id=PAD, params=params)(
-        state, ids, mask, feats, fmask, keys)
+        (state,), ids, mask, feats, fmask, keys)
     single = make_sampler(graphdef, group_size=1, eos_ids=(1,), pad_id=PAD, params=params)
     for b in range(2):
         for r in range(g):
-            one = single(state, ids[b:b + 1], mask[b:b + 1], feats[b:b + 1], fmask[b:b + 1], keys[b * g + r][None])
+            one = single((state,), ids[b:b + 1], mask[b:b + 1], feats[b:b + 1], fmask[b:b + 1],
+                         keys[b * g + r][None])
             row = b * g + r
             assert np.array_equal(np.asarray(one.tokens[0]), np.asarray(group.tokens[row]))
             np.testing.assert_allclose(np.asarray(one.logps[0]), np.asarray(group.logps[row]), atol=1e-5)
@@ -102,7 +103,7 @@ def test_logps_at_temperature_one_are_model_logprobs(model):
     ids, mask, feats, fmask = _batch(TINY, seed=2)
     graphdef, state = nnx.split(model)
     out = make_sampler(graphdef, group_size=2, eos_ids=(), pad_id=PAD, params=SamplingParams(max_new_tokens=5))(
-        state, ids, mask, feats, fmask, rollout_keys(jax.random.key(1), 2, 2))
+        (state,), ids, mask, feats, fmask, rollout_keys(jax.random.key(1), 2, 2))
     assert np.asarray(out.truncated).all() and np.asarray(out.mask).all()
     for row in range(4):
         b = row // 2
@@ -140,10 +141,10 @@ def test_sharded_greedy_matches_single_device(model):
     graphdef, state = nnx.split(model)
     keys = rollout_keys(jax.random.key(0), 8, 1)
     expected = make_sampler(graphdef, group_size=1, eos_ids=(1,), pad_id=PAD, params=params)(
-        state, ids, mask, feats, fmask, keys)
+        (state,), ids, mask, feats, fmask, keys)
     mesh = make_mesh((2, 2, 2))
     graphdef, sharded_state, _ = shard_model(model, mesh)
     put = lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim))
     got = make_sampler(graphdef, group_size=1, eos_ids=(1,), pad_id=PAD, params=params)(
-        sharded_state, put(ids), put(mask), put(feats), put(fmask), keys)
+        (sharded_state,), put(ids), put(mask), put(feats), put(fmask), keys)
     assert np.array_equal(np.asarray(got.tokens), np.asarray(expected.tokens))

@@ -109,14 +109,16 @@ def generate(model: AudioLM, prompt_ids, prompt_mask, input_features, feature_at
 
 
 def make_sampler(graphdef, *, group_size: int, eos_ids: Sequence[int], pad_id: int, params: SamplingParams):
-    """A jitted `sample(state, prompt_ids, prompt_mask, input_features, feature_attention_mask, keys) -> Rollouts`.
+    """A jitted `sample(states, prompt_ids, prompt_mask, input_features, feature_attention_mask, keys) -> Rollouts`.
 
-    It runs wherever its inputs live: params placed on a mesh (`sharding.shard_model`) and batches sharded over
-    ('data', 'fsdp') give a sharded rollout (GSPMD propagates the shardings through the loop).
+    `states` is the tuple of nnx.States that `nnx.merge(graphdef, *states)` turns back into the model (e.g.
+    `(params,)`, or `(trainable, frozen)` as the trainer splits them). It runs wherever its inputs live: params
+    placed on a mesh (`sharding.shard_model`) and batches sharded over ('data', 'fsdp') give a sharded rollout
+    (GSPMD propagates the shardings through the loop).
     """
 
-    def sample(state, prompt_ids, prompt_mask, input_features, feature_attention_mask, keys):
-        model = nnx.merge(graphdef, state)
+    def sample(states, prompt_ids, prompt_mask, input_features, feature_attention_mask, keys):
+        model = nnx.merge(graphdef, *states)
         return generate(model, prompt_ids, prompt_mask, input_features, feature_attention_mask, keys,
                         group_size=group_size, eos_ids=tuple(eos_ids), pad_id=pad_id, params=params)
 
