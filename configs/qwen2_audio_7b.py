@@ -12,5 +12,4 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.model = model_config_dict(QWEN2_AUDIO_7B)  # bf16 compute, fp32 params by default
     config.mesh = ml_collections.ConfigDict({"shape": (1, -1, 1)})  # (data, fsdp, tensor); -1 = the rest
-    config.hf_checkpoint = ""  # a local Qwen2-Audio-7B-Instruct snapshot (config.json + *.safetensors)
     return config
