@@ -28,6 +28,17 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
+def init_train_state(tx, params, mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, TrainState]:
+    """A fresh TrainState placed like `params` (optimizer moments follow their params' shardings, scalars are
+    replicated over the mesh), and its tree of shardings for the jitted updates."""
+    opt_state = jax.jit(tx.init)(params)
+    step = jnp.zeros((), jnp.int32)
+    if mesh is not None:
+        step = jax.device_put(step, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    state = TrainState(params, opt_state, step)
+    return state, jax.tree.map(lambda x: x.sharding, state)
+
+
 def make_optimizer(*, learning_rate: float, total_steps: int, warmup_fraction: float = 0.03,
                    weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, grad_clip: float = 1.0):
     """AdamW with linear warm-up then cosine decay to 0, after global-norm clipping."""
@@ -70,7 +81,7 @@ def _apply(tx, state: TrainState, grads, total, count, metrics):
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    out = {"loss": total / count, "grad_norm": optax.global_norm(grads), **metrics}
+    out = {"loss": total / count, "grad_norm": optax.tree.norm(grads), **metrics}
     return TrainState(params, opt_state, state.step + 1), out
 
 
