@@ -2,7 +2,8 @@
 SFT warm-up on ESR-format targets, then GRPO with ESWR + format reward. About 10 minutes on 2 CPU cores.
 
   python -m emorl_jax.train --config=configs/tiny_synthetic.py --workdir=runs/tiny
-  python -m emorl_jax.train --config=configs/tiny_synthetic.py --workdir=runs/tiny_binary --config.reward.accuracy=binary
+  python -m emorl_jax.train --config=configs/tiny_synthetic.py --workdir=runs/tiny_binary \
+      --config.reward.accuracy=binary
 """
 
 from emorl_jax.config import base_run_config
@@ -20,7 +21,7 @@ def get_config():
     c.rl.batch_size = 8
     c.rl.group_size = 6
     c.rl.learning_rate = 3e-4       # a tiny model from scratch needs a far larger step than 7B's 1e-6
-    c.rl.max_new_tokens = 48
+    c.rl.max_new_tokens = 80        # ESR targets of the synthetic corpus are ~60 tokens
     c.rl.beta = 0.04
     c.train.checkpoint_every = 20
     c.train.eval_batch_size = 32

@@ -190,7 +190,8 @@ def base_run_config():
         "bucket_multiple": 32,
         "skip_bad_clips": False,
         "worker_count": 0,
-        "max_seconds": 30.0,
+        "max_seconds": 0.0,      # clips longer than this are bad clips; 0 = no limit (longer clips are cut to
+                                 # the model's audio window, as Whisper and Qwen2-Audio's processor do)
         # synthetic corpus
         "synthetic_per_class": 60,
         "synthetic_speakers": 6,

@@ -1,0 +1,159 @@
+"""What a training or evaluation run sets up from its config: the utterances, the tokenizer, the model, and
+the grain pipelines over them."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from emorl_jax import checkpoint
+from emorl_jax.config import from_config_dict
+from emorl_jax.data import emotions, pipeline
+from emorl_jax.data.corpora import load_corpus, synthetic
+from emorl_jax.data.corpora.base import Utterance
+from emorl_jax.data.manifest import read_manifest
+from emorl_jax.models.audio_lm import AudioLM
+from emorl_jax.text.prompts import build_prompt, format_target, instruction
+from emorl_jax.text.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+
+
+@dataclasses.dataclass
+class RunData:
+    """The run's utterances (train and held-out), label set and SFT target texts."""
+
+    labels: tuple[str, ...]
+    train: list[Utterance]
+    eval: list[Utterance]
+    targets: dict[str, str]  # utt_id -> SFT target completion (prompt mode's format)
+    mode: str
+    audio_window: tuple[int, float]  # (mel bins, seconds) of the model's audio window
+    bucket_multiple: int
+    skip_bad_clips: bool
+    worker_count: int
+    max_seconds: float
+
+    def _dataset(self, records, tokenizer, batch_size, *, train: bool, seed: int, with_targets: bool):
+        return pipeline.make_dataset(
+            records, tokenizer=tokenizer, labels=self.labels, mode=self.mode, batch_size=batch_size,
+            audio_window=self.audio_window, seed=seed, shuffle=train, num_epochs=None if train else 1,
+            bucket_multiple=self.bucket_multiple, drop_remainder=train,
+            target_fn=(lambda u: self.targets[u.utt_id]) if with_targets else None,
+            skip_bad_clips=self.skip_bad_clips, worker_count=self.worker_count, max_seconds=self.max_seconds or None)
+
+    def train_iterator(self, tokenizer: Tokenizer, batch_size: int, *, seed: int, with_targets: bool,
+                       state: str | None = None):
+        """An endless shuffled iterator; `state` (from `get_state_json()`) resumes it exactly."""
+        if not self.train:
+            raise ValueError("this run has no training utterances")
+        return pipeline.ResumableIterator(
+            self._dataset(self.train, tokenizer, batch_size, train=True, seed=seed, with_targets=with_targets),
+            state)
+
+    def eval_batches(self, tokenizer: Tokenizer, batch_size: int):
+        """Every held-out utterance once, in order."""
+        return iter(self._dataset(self.eval, tokenizer, batch_size, train=False, seed=0, with_targets=False))
+
+
+def sft_target(label: str, mode: str, description: dict[str, str] | None) -> str:
+    """An SFT completion that describes what the clip sounds like (synthetic corpus: its sampled prosody)."""
+    acoustics = ("; ".join(f"{k.replace('_', ' ')} {v}" for k, v in description.items()) if description
+                 else "not described")
+    content = "No intelligible words; only the voice carries the emotion."
+    summary = f"Together these cues sound {label}."
+    if mode == "ir":
+        return format_target(label, mode)
+    if mode == "eur":
+        return format_target(label, mode, think=f"{acoustics}. {summary}")
+    return format_target(label, mode, content=content, acoustics=acoustics, summary=summary)
+
+
+def _records(config, workdir: Path) -> tuple[tuple[str, ...], list[Utterance], list[Utterance], dict]:
+    d = config.data
+    name = d.dataset
+    labels = emotions.label_set(d.labels)
+    descriptions: dict = {}
+    if name == "synthetic":
+        root = Path(d.data_dir or workdir / "data")
+        if not (root / "manifest.jsonl").exists():
+            synthetic.generate(root, n_per_class=d.synthetic_per_class, speakers=d.synthetic_speakers,
+                               seed=d.synthetic_seed)
+        records = synthetic.read(root)
+        descriptions = synthetic.descriptions(root)
+        train = [u for u in records if u.split == d.train_split]
+        held_out = [u for u in records if u.split == d.eval_split]
+    elif name == "manifest":
+        records = read_manifest(d.data_dir)
+        train = [u for u in records if u.split == d.train_split]
+        held_out = [u for u in records if u.split == d.eval_split]
+    elif name == "iemocap":
+        records = load_corpus("iemocap", d.data_dir)
+        test_session = f"Session{d.fold}" if d.fold else d.eval_split
+        train = [u for u in records if u.split != test_session]
+        held_out = [u for u in records if u.split == test_session]
+    elif name == "meld":
+        train = load_corpus("meld", d.data_dir, split=d.train_split)
+        held_out = load_corpus("meld", d.data_dir, split=d.eval_split)
+    else:  # cross-corpus sets: evaluation only, on the utterances whose emotion is in the label set
+        every = load_corpus(name, d.data_dir)
+        train, held_out = [], [u for u in every if u.label in labels]
+        print(f"{name}: evaluating {len(held_out)} of {len(every)} utterances (labels {', '.join(labels)})")
+    unknown = sorted({u.label for u in train + held_out} - set(labels))
+    if unknown:
+        raise ValueError(f"data.labels={d.labels!r} has no label(s) {unknown} that {name} uses")
+    return labels, train, held_out, descriptions
+
+
+def prepare_data(config, workdir: str | Path) -> RunData:
+    labels, train, held_out, descriptions = _records(config, Path(workdir))
+    model = from_config_dict(config.model)
+    return RunData(
+        labels=labels, train=train, eval=held_out,
+        targets={u.utt_id: sft_target(u.label, config.prompt_mode, descriptions.get(u.utt_id)) for u in train},
+        mode=config.prompt_mode,
+        audio_window=(model.audio.num_mel_bins, model.audio.num_frames / 100.0),
+        bucket_multiple=config.data.bucket_multiple, skip_bad_clips=config.data.skip_bad_clips,
+        worker_count=config.data.worker_count, max_seconds=config.data.max_seconds)
+
+
+def prepare_tokenizer(config, workdir: str | Path, data: RunData) -> Tokenizer:
+    """The configured tokenizer, or a SentencePiece model trained on the run's prompts and targets (saved as
+    `<workdir>/tokenizer.model` and reused on resume)."""
+    if config.tokenizer.path:
+        return load_tokenizer(config.tokenizer.path)
+    if config.init.hf_dir or config.init.checkpoint:
+        raise ValueError("a pretrained model needs its own tokenizer: set tokenizer.path (e.g. the HF snapshot)")
+    path = Path(workdir) / "tokenizer.model"
+    if path.exists():
+        return load_tokenizer(path)
+    texts = [build_prompt(instruction(data.mode, data.labels), num_audio_tokens=[1]), *data.targets.values(),
+             *data.labels]
+    return train_sentencepiece(texts, path, vocab_size=config.tokenizer.vocab_size)
+
+
+def build_model(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh) -> AudioLM:
+    """From a HF snapshot, an orbax checkpoint, or (tiny models) a random init sized to the tokenizer."""
+    init = config.init
+    if init.hf_dir:
+        model = checkpoint.from_hf(init.hf_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                                   mesh=mesh)
+    elif init.checkpoint:
+        model = checkpoint.restore(init.checkpoint, mesh=mesh, dtype=config.model.dtype)
+    else:
+        cfg = from_config_dict(config.model)
+        if cfg.text.hidden_size >= 1024:
+            raise ValueError("refusing to start a large model from random weights: set init.hf_dir (a local HF "
+                             "snapshot) or init.checkpoint (orbax, from `python -m emorl_jax.convert`)")
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=tokenizer.vocab_size),
+                          audio_token_index=tokenizer.audio_token_id)
+        model = AudioLM(cfg, rngs=nnx.Rngs(init.seed))
+    if model.cfg.audio_token_index != tokenizer.audio_token_id:
+        raise ValueError(f"the tokenizer's <|AUDIO|> id {tokenizer.audio_token_id} differs from the model's "
+                         f"audio_token_index {model.cfg.audio_token_index}")
+    if model.cfg.text.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.cfg.text.vocab_size} embeddings")
+    return model
+
