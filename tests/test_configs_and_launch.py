@@ -140,7 +140,9 @@ def test_7b_memory_numbers_in_the_config_docstring():
     per_chip_gib = params * 16 / 4 / 2**30
     assert round(per_chip_gib, 1) == 31.3
     assert per_chip_gib > 0.95 * 32 and per_chip_gib < 0.35 * 95  # all of a v4 chip; a third of a v5p chip
-    doc = (ROOT / "configs" / "qwen2_audio_7b_iemocap.py").read_text()
+    from emorl_jax.config import qwen2_audio_7b_run_config
+
+    doc = qwen2_audio_7b_run_config.__doc__
     assert "8.40e9" in doc and "134 GB" in doc and "31.3 GiB" in doc
 
 

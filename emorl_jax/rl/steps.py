@@ -31,11 +31,12 @@ class TrainState(NamedTuple):
 def init_train_state(tx, params, mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, TrainState]:
     """A fresh TrainState placed like `params` (optimizer moments follow their params' shardings, scalars are
     replicated over the mesh), and its tree of shardings for the jitted updates."""
-    opt_state = jax.jit(tx.init)(params)
-    step = jnp.zeros((), jnp.int32)
-    if mesh is not None:
-        step = jax.device_put(step, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    state = TrainState(params, opt_state, step)
+    state = TrainState(params, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32))
+    if mesh is not None:  # moments come out sharded like their params; put scalars (counts, step) on the mesh too
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        on_mesh = set(mesh.devices.flat)
+        state = jax.tree.map(lambda x: x if x.sharding.device_set == on_mesh else jax.device_put(x, replicated),
+                             state)
     return state, jax.tree.map(lambda x: x.sharding, state)
 
 
