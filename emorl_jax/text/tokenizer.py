@@ -122,7 +122,8 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | Path, *, vocab_siz
     `special_tokens` become user-defined pieces (each always one id, matched anywhere in the text; they
     take ids 1..len(special_tokens), 0 is unk). Byte fallback (256 byte pieces) encodes any text, and the
     identity normalisation without dummy prefix or whitespace folding makes decode(encode(t)) == t (for text
-    without U+2581, SentencePiece's own space marker, which decodes to a space).
+    without U+2581, SentencePiece's own space marker, which decodes to a space). `vocab_size` is an upper
+    bound: a text too small to fill it gets fewer pieces instead of an error.
     Single-threaded without sampling, so the same input gives the same model bytes.
     """
     import sentencepiece as spm
@@ -141,7 +142,7 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | Path, *, vocab_siz
             user_defined_symbols=list(special_tokens), byte_fallback=True, character_coverage=1.0,
             normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
             unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, num_threads=1, input_sentence_size=0,
-            shuffle_input_sentence=False, max_sentence_length=1 << 20, minloglevel=2)
+            shuffle_input_sentence=False, max_sentence_length=1 << 20, minloglevel=2, hard_vocab_limit=False)
     except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars" / "too high"
         raise ValueError(f"{out_path}: SentencePiece training failed: {e}") from e
     out_path.parent.mkdir(parents=True, exist_ok=True)
