@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from emorl_jax.audio.features import num_audio_embeddings
 from emorl_jax.text.prompts import (
-    MODES, SYSTEM_PROMPT, build_prompt, encode_prompt, format_target, instruction, num_audio_embeddings)
+    MODES, SYSTEM_PROMPT, build_prompt, encode_prompt, format_target, instruction)
 from emorl_jax.text.tokenizer import train_byte_level_bpe, train_sentencepiece
 
 # `chat_template` of Qwen/Qwen2-Audio-7B-Instruct's tokenizer_config.json (main branch).
@@ -56,9 +57,10 @@ def test_num_audio_embeddings(frames, expected):
     assert num_audio_embeddings(frames) == expected
 
 
-def test_num_audio_embeddings_rejects_empty():
-    with pytest.raises(ValueError, match="a clip needs >= 3 valid mel frames for one audio embedding, got 2"):
-        num_audio_embeddings(2)
+def test_a_clip_too_short_for_one_embedding_is_rejected():
+    assert num_audio_embeddings(2) == 0  # transformers' formula
+    with pytest.raises(ValueError, match="every clip needs >= 1 audio token"):
+        build_prompt("x", num_audio_tokens=[num_audio_embeddings(2)])
 
 
 @pytest.mark.parametrize("num_clips", [0, 1, 2, 3])

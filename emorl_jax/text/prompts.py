@@ -26,18 +26,6 @@ MODES = ("ir", "eur", "esr")
 _TAGS = ("think", "content", "acoustics", "summary", "answer")
 
 
-def num_audio_embeddings(num_valid_frames: int) -> int:
-    """Audio embeddings of a clip with `num_valid_frames` mel frames (conv stride 2, then avg-pool 2).
-
-    Transformers' Qwen2AudioProcessor formula. Clips under 3 frames (321 samples at 16 kHz) would get no
-    embedding at all, so they are rejected.
-    """
-    if num_valid_frames < 3:
-        raise ValueError(f"a clip needs >= 3 valid mel frames for one audio embedding, got {num_valid_frames}")
-    after_conv = (num_valid_frames - 1) // 2 + 1
-    return (after_conv - 2) // 2 + 1
-
-
 def build_prompt(text: str, *, num_audio_tokens: Sequence[int]) -> str:
     """The chat prompt string for one user turn: clip k gets `num_audio_tokens[k]` `<|AUDIO|>` tokens."""
     if any(int(n) < 1 for n in num_audio_tokens):

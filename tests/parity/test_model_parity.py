@@ -77,7 +77,8 @@ def test_logits_match_transformers(tmp_path, name):
 
 def test_left_padding_with_position_ids(tmp_path):
     rng = np.random.default_rng(2)
-    rows = [prompt(rng, [num_embeddings(100)]), prompt(rng, [num_embeddings(60)], pad_left=num_embeddings(100) - num_embeddings(60))]
+    pad = num_embeddings(100) - num_embeddings(60)
+    rows = [prompt(rng, [num_embeddings(100)]), prompt(rng, [num_embeddings(60)], pad_left=pad)]
     err = run_both(tmp_path, dict(layers=2), rows, [100, 60], positions=True)
     assert err < LOGITS_ATOL, err
 
@@ -100,7 +101,8 @@ def test_encoder_output_matches(tmp_path):
                     np.finfo(np.float32).min).astype(np.float32)
     bias = np.broadcast_to(bias, (len(valid), 1, s, s)).copy()
     with torch.no_grad():
-        expected = hf.model.audio_tower(torch.tensor(feats), attention_mask=torch.tensor(bias)).last_hidden_state.numpy()
+        out = hf.model.audio_tower(torch.tensor(feats), attention_mask=torch.tensor(bias))
+    expected = out.last_hidden_state.numpy()
     got = np.asarray(ours.audio_tower(jnp.asarray(feats), jnp.asarray(fmask.sum(-1))))
     err = np.abs(got - expected).max()
     assert err < ENCODER_ATOL, f"max |encoder diff| {err:.3g}"
