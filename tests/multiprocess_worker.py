@@ -50,7 +50,7 @@ from emorl_jax.config import TINY  # noqa: E402
 from emorl_jax.models.audio_lm import AudioLM  # noqa: E402
 from emorl_jax.models.lora import split_trainable  # noqa: E402
 from emorl_jax.rl.steps import init_train_state, make_grpo_update, split_micro_batches  # noqa: E402
-from emorl_jax.sharding import BATCH_AXES, _path_names, make_mesh, param_shardings  # noqa: E402
+from emorl_jax.sharding import BATCH_AXES, make_mesh, param_shardings  # noqa: E402
 
 G, PROMPTS, N, MICRO, STEPS = 2, 8, 6, 2, 2
 
@@ -85,24 +85,14 @@ def process_local(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, x[:, start:stop], x.shape)
 
 
-def replicate_single_device_leaves(tree, mesh):
-    """Puts leaves that live on one device (the optimizer's step counts, which `init_train_state` leaves on the
-    default device) on the whole mesh, replicated, so that the jitted update accepts them."""
-    replicated = NamedSharding(mesh, P())
-    fix = lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: np.asarray(x)[i])
-    return jax.tree.map(lambda x: fix(x) if len(x.sharding.device_set) == 1 else x, tree)
-
-
 def main() -> None:
     mesh = make_mesh((2, 2, 2))
     graphdef, params, frozen = split_trainable(AudioLM(TINY, rngs=nnx.Rngs(0)), lora=False)
     shardings = param_shardings(params, mesh)
     params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: np.asarray(x)[i]),
                           params, shardings)
-    tx = optax.adamw(1e-3, weight_decay=0.01)
-    state, _ = init_train_state(tx, params, mesh)
-    state = replicate_single_device_leaves(state, mesh)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.01))
+    state, state_shardings = init_train_state(tx, params, mesh)
     update = make_grpo_update(graphdef, tx, group_size=G, clip_eps=0.2, beta=0.04, normalization="sequence",
                               state_shardings=state_shardings)
     micro = split_micro_batches(global_batch(), MICRO)
@@ -117,8 +107,7 @@ def main() -> None:
          "processes": jax.process_count(), "seconds": round(time.perf_counter() - START, 1)}))
     full = multihost_utils.process_allgather(state.params, tiled=True)
     if jax.process_index() == 0:
-        flat = {"/".join(n for n in _path_names(p) if n != "value"): np.asarray(x)
-                for p, x in jax.tree_util.tree_leaves_with_path(full)}
+        flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(full)}
         np.savez(ARGS.out / "params.npz", **flat)
     if NUM_PROCESSES > 1:
         jax.distributed.shutdown()

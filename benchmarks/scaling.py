@@ -1,0 +1,71 @@
+"""Sampler scaling on CPU: decode time per step as the completion length doubles (64 -> 512 tokens), and
+prefill-once-then-tile (group_size=G) vs prefill-per-rollout (each prompt repeated G times, group_size=1).
+
+Decode ms/step at length N = (T(N) - T(1)) / (N - 1), where T(n) is the median wall time of a whole sampler call
+with `max_new_tokens=n` (no EOS, so exactly n steps); T(1) is the prefill (audio encoding, prompt, first token).
+The same tiny model and 10 s clips as rollouts.py, 4 prompts x G=8.
+
+    python benchmarks/scaling.py [--quick] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import common  # noqa: I001  (puts the repo on sys.path)
+import jax
+import numpy as np
+from flax import nnx
+
+from emorl_jax.models.audio_lm import AudioLM
+from emorl_jax.rl.sampler import SamplingParams, make_sampler, rollout_keys
+
+KEYS = ("prompt_ids", "prompt_mask", "input_features", "feature_mask")
+
+
+def sampler_seconds(graphdef, state, batch, *, group: int, new: int, repeats: int) -> float:
+    """Median seconds of one compiled sampler call (B prompts x `group` rollouts of exactly `new` tokens)."""
+    prompts = len(batch["prompt_ids"])
+    sample = make_sampler(graphdef, group_size=group, eos_ids=(), pad_id=0,
+                          params=SamplingParams(max_new_tokens=new, temperature=1.0))
+    inputs = [batch[k] for k in KEYS]
+    keys = lambda i: rollout_keys(jax.random.key(i + 100), prompts, group)
+    compiled = sample.lower((state,), *inputs, keys(0)).compile()
+    return common.median_time(lambda i: compiled((state,), *inputs, keys(i)), repeats)[0]
+
+
+def main():
+    args = common.parse_args(__doc__.splitlines()[0])
+    prompts, group = (2, 4) if args.quick else (4, 8)
+    lengths = (8, 16) if args.quick else (64, 128, 256, 512)
+    cfg = common.BENCH
+    print(common.machine_info())
+    print(f"setup: {prompts} prompts x G={group}, prompt {cfg.audio.num_embeddings + 2 * common.TEXT_TOKENS} tokens "
+          f"({cfg.audio.num_frames // 100} s audio), tiny model, fp32, temperature 1")
+    graphdef, state = nnx.split(AudioLM(cfg, rngs=nnx.Rngs(0)))
+    batch = common.audio_prompts(cfg, prompts)
+
+    run = lambda n: sampler_seconds(graphdef, state, batch, group=group, new=n, repeats=args.repeats)
+    prefill = run(1)
+    per_step, totals = {}, {}
+    for n in lengths:
+        total = totals[n] = run(n)
+        per_step[n] = (total - prefill) / (n - 1) * 1e3
+        print(f"length {n}: total {total * 1e3:.1f} ms, decode {per_step[n]:.3f} ms/step "
+              f"({per_step[n] / (prompts * group) * 1e3:.1f} us per generated token), load {common.load()}",
+              flush=True)
+    print(f"prefill (T(1)): {prefill * 1e3:.1f} ms")
+    spread = max(per_step.values()) / min(per_step.values())
+    common.report(f"decode ms/step max/min over lengths {lengths[0]}..{lengths[-1]}", spread, 1.0,
+                  "reference 1 = perfectly flat; the cache (and each step's attention) spans prompt + max length")
+
+    n = lengths[0]
+    tiled = totals[n]
+    repeated = {k: np.repeat(v, group, axis=0) for k, v in batch.items()}
+    per_rollout = sampler_seconds(graphdef, state, repeated, group=1, new=n, repeats=args.repeats)
+    tokens = prompts * group * n
+    common.report(f"rollout tokens/s, prefill once + tile vs prefill per rollout (G={group}, {n} tokens)",
+                  tokens / tiled, tokens / per_rollout,
+                  f"tile {tiled * 1e3:.1f} ms, per-rollout {per_rollout * 1e3:.1f} ms; load {common.load()}")
+
+
+if __name__ == "__main__":
+    main()
