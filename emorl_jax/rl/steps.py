@@ -60,8 +60,14 @@ def split_micro_batches(batch: dict, num_micro: int) -> dict:
 
 
 def _accumulate(loss_fn, params, micro_batches):
-    """Sums loss numerators, denominators, metric sums and gradients over the leading micro-batch axis."""
+    """Sums loss numerators, denominators, metric sums and gradients over the leading micro-batch axis.
+
+    One micro-batch skips the scan: on XLA:CPU a one-step scan made the tiny SFT update 1.6x slower (886 vs
+    540 ms)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if jax.tree.leaves(micro_batches)[0].shape[0] == 1:
+        (total, (count, metrics)), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches))
+        return grads, total, count, metrics
 
     def body(carry, mb):
         grads, total, count, metrics = carry
@@ -112,13 +118,16 @@ def make_sft_update(graphdef, tx, state_shardings=None):
 
 
 def make_grpo_update(graphdef, tx, *, group_size: int, clip_eps: float, beta: float, normalization: str,
-                     state_shardings=None):
-    """`state, metrics = update(state, frozen, micro_batches)`: one optax step on the exact global GRPO loss."""
+                     temperature: float = 1.0, state_shardings=None):
+    """`state, metrics = update(state, frozen, micro_batches)`: one optax step on the exact global GRPO loss.
+
+    The policy's log-probs are taken at the rollout `temperature` (see `completion_logps`); `old_logps` and
+    `ref_logps` in the batch must be too (`make_logps_fn` with the same temperature)."""
 
     def loss_fn(params, frozen, mb):
         model = nnx.merge(graphdef, params, frozen)
         logps = completion_logps(model, *(mb[k] for k in PROMPT_KEYS), mb["completions"], mb["completion_mask"],
-                                 group_size=group_size)
+                                 group_size=group_size, temperature=temperature)
         loss_sum, denom, metrics = grpo_loss(logps, mb["old_logps"], mb["ref_logps"], mb["advantages"],
                                              mb["completion_mask"], clip_eps=clip_eps, beta=beta,
                                              normalization=normalization, sequence_weights=mb["weights"])
@@ -127,12 +136,13 @@ def make_grpo_update(graphdef, tx, *, group_size: int, clip_eps: float, beta: fl
     return _jit_update(loss_fn, tx, state_shardings)
 
 
-def make_logps_fn(graphdef, *, group_size: int):
-    """Jitted `logps = f(params, frozen, batch)` [B*G, N] without gradients (old-policy and reference)."""
+def make_logps_fn(graphdef, *, group_size: int, temperature: float = 1.0):
+    """Jitted `logps = f(params, frozen, batch)` [B*G, N] without gradients (old-policy and reference), at the
+    rollout `temperature`."""
 
     def logps(params, frozen, batch):
         model = nnx.merge(graphdef, params, frozen)
         return completion_logps(model, *(batch[k] for k in PROMPT_KEYS), batch["completions"],
-                                batch["completion_mask"], group_size=group_size)
+                                batch["completion_mask"], group_size=group_size, temperature=temperature)
 
     return jax.jit(logps)
