@@ -119,10 +119,12 @@ def prepare_data(config, workdir: str | Path) -> RunData:
 
 
 def prepare_tokenizer(config, workdir: str | Path, data: RunData) -> Tokenizer:
-    """The configured tokenizer, or a SentencePiece model trained on the run's prompts and targets (saved as
-    `<workdir>/tokenizer.model` and reused on resume)."""
+    """The configured tokenizer, the one of the run GRPO starts from (`sft.from_run`), or a SentencePiece model
+    trained on the run's prompts and targets (saved as `<workdir>/tokenizer.model` and reused on resume)."""
     if config.tokenizer.path:
         return load_tokenizer(config.tokenizer.path)
+    if config.sft.from_run:
+        return load_tokenizer(Path(config.sft.from_run) / "tokenizer.model")
     if config.init.hf_dir or config.init.checkpoint:
         raise ValueError("a pretrained model needs its own tokenizer: set tokenizer.path (e.g. the HF snapshot)")
     path = Path(workdir) / "tokenizer.model"

@@ -113,18 +113,25 @@ class Trainer:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save((self.workdir / name).absolute(), tree)
 
-    def _load_tree(self, name: str, like):
+    def _load_tree(self, path: Path, like):
         import orbax.checkpoint as ocp
 
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
         with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore((self.workdir / name).absolute(), abstract)
+            return ckptr.restore(path.absolute(), abstract)
 
     def sft(self) -> None:
-        """Runs (or resumes) SFT; leaves `self.params` = the policy GRPO starts from, saved as `grpo_start`."""
+        """Runs (or resumes) SFT; leaves `self.params` = the policy GRPO starts from, saved as `grpo_start`.
+        With `sft.from_run`, that run's `grpo_start` is the start instead (no SFT here)."""
         c = self.config.sft
+        if c.from_run:
+            start = Path(c.from_run) / "grpo_start"
+            if not start.exists():
+                raise FileNotFoundError(f"sft.from_run={c.from_run}: no grpo_start there (has its SFT finished?)")
+            self.params = self._load_tree(start, self.params)
+            return
         if (self.workdir / "grpo_start").exists():
-            self.params = self._load_tree("grpo_start", self.params)
+            self.params = self._load_tree(self.workdir / "grpo_start", self.params)
             return
         if c.steps > 0:
             tx = make_optimizer(learning_rate=c.learning_rate, total_steps=c.steps, **self._optim_kwargs())
@@ -145,7 +152,7 @@ class Trainer:
     def grpo(self) -> None:
         c, r = self.config.rl, self.config.reward
         if (self.workdir / "params_final").exists():
-            self.params = self._load_tree("params_final", self.params)
+            self.params = self._load_tree(self.workdir / "params_final", self.params)
             return
         # The reference policy is the one GRPO starts from: the frozen base under LoRA, else a copy.
         reference = (zero_lora(self.params) if self.config.lora.rank > 0 else jax.tree.map(jnp.copy, self.params),
@@ -153,8 +160,9 @@ class Trainer:
         tx = make_optimizer(learning_rate=c.learning_rate, total_steps=c.steps, **self._optim_kwargs())
         state, shardings, meta = self._resume("grpo", tx)
         update = make_grpo_update(self.graphdef, tx, group_size=c.group_size, clip_eps=c.clip_eps, beta=c.beta,
-                                  normalization=c.loss_normalization, state_shardings=shardings)
-        logps_fn = make_logps_fn(self.graphdef, group_size=c.group_size)
+                                  normalization=c.loss_normalization, temperature=c.temperature,
+                                  state_shardings=shardings)
+        logps_fn = make_logps_fn(self.graphdef, group_size=c.group_size, temperature=c.temperature)
         sample = make_sampler(self.graphdef, group_size=c.group_size, eos_ids=self.tokenizer.eos_ids,
                               pad_id=self.tokenizer.pad_id,
                               params=SamplingParams(c.max_new_tokens, c.temperature, c.top_p, c.top_k))
@@ -231,7 +239,7 @@ def run(config, workdir: str | Path) -> dict:
     trainer = Trainer(config, workdir)
     results = {}
     trainer.sft()
-    results["after SFT" if config.sft.steps else "before GRPO"] = trainer.evaluate("before_grpo")
+    results["after SFT" if config.sft.steps or config.sft.from_run else "before GRPO"] = trainer.evaluate("before_grpo")
     trainer.grpo()
     results["after GRPO"] = trainer.evaluate("after_grpo")
     table = summary_table(results)

@@ -40,3 +40,26 @@ def test_completion_logps_match_full_forward():
     total, count = sft_loss(model, prompt, pmask, feats, fmask, comps[::g], cmask[::g])
     assert float(count) == cmask[::g].sum()
     np.testing.assert_allclose(float(total), -got[::g].sum(), rtol=1e-5)
+
+
+def test_logps_at_the_rollout_temperature_equal_the_samplers():
+    """At temperature T the policy's log-probs are those the sampler drew from (GRPO's ratio starts at 1)."""
+    from emorl_jax.rl.sampler import SamplingParams, make_sampler, rollout_keys
+
+    model = AudioLM(TINY, rngs=nnx.Rngs(6))
+    rng = np.random.default_rng(1)
+    frames, n_audio, g = TINY.audio.num_frames, TINY.audio.num_embeddings, 2
+    feats = rng.normal(size=(2, TINY.audio.num_mel_bins, frames)).astype(np.float32)
+    fmask = np.ones((2, frames), np.int32)
+    prompt = np.array([[11, *[TINY.audio_token_index] * n_audio, 12]] * 2, np.int32)
+    pmask = np.ones_like(prompt)
+    graphdef, state = nnx.split(model)
+    roll = make_sampler(graphdef, group_size=g, eos_ids=(1,), pad_id=0,
+                        params=SamplingParams(max_new_tokens=6, temperature=0.6))(
+        (state,), prompt, pmask, feats, fmask, rollout_keys(jax.random.key(3), 2, g))
+    mask = np.asarray(roll.mask)
+    got = completion_logps(model, prompt, pmask, feats, fmask, roll.tokens, roll.mask, group_size=g,
+                           temperature=0.6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(roll.logps) * mask, rtol=1e-5, atol=1e-6)
+    untempered = completion_logps(model, prompt, pmask, feats, fmask, roll.tokens, roll.mask, group_size=g)
+    assert np.abs(np.asarray(untempered) - np.asarray(got)).max() > 1e-2

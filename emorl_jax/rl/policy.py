@@ -13,19 +13,22 @@ from emorl_jax.models.audio_lm import AudioLM
 
 
 def completion_logps(model: AudioLM, prompt_ids, prompt_mask, input_features, feature_attention_mask,
-                     completions, completion_mask, *, group_size: int) -> jax.Array:
+                     completions, completion_mask, *, group_size: int, temperature: float = 1.0) -> jax.Array:
     """log p(completion token | prompt, earlier tokens), fp32 [B*G, N]; 0 where completion_mask is 0.
 
     prompt_ids/prompt_mask [B, T] left-padded; completions/completion_mask [B*G, N] (row b*G + r continues
-    prompt b); input_features [clips, mel, frames] or None.
+    prompt b); input_features [clips, mel, frames] or None. `temperature` divides the logits first, so that the
+    log-probs are those of the distribution the sampler drew from at that temperature (as TRL and verl do).
     """
+    if temperature <= 0:
+        raise ValueError(f"completion_logps: temperature must be > 0, got {temperature}")
     t = prompt_ids.shape[1]
     prompt = jnp.repeat(model.embed(prompt_ids, input_features, feature_attention_mask), group_size, axis=0)
     embeds = jnp.concatenate([prompt, model.language_model.embed_tokens(completions)], axis=1)
     mask = jnp.concatenate([jnp.repeat(prompt_mask, group_size, axis=0), completion_mask], axis=1).astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
     hidden, _ = model.language_model(embeds, positions, mask)
-    logits = model.logits(hidden[:, t - 1:-1])  # position i predicts token i + 1
+    logits = model.logits(hidden[:, t - 1:-1]) / temperature  # position i predicts token i + 1
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), completions[..., None], axis=-1)[..., 0]
     return jnp.where(completion_mask.astype(bool), logp, 0.0)
 
