@@ -95,7 +95,8 @@ def test_group_rollouts_equal_separate_runs_with_same_keys(model):
                          keys[b * g + r][None])
             row = b * g + r
             assert np.array_equal(np.asarray(one.tokens[0]), np.asarray(group.tokens[row]))
-            np.testing.assert_allclose(np.asarray(one.logps[0]), np.asarray(group.logps[row]), atol=1e-5)
+            # batch 1 vs G rows: XLA:CPU may sum in another order (measured up to 4.5e-6 relative)
+            np.testing.assert_allclose(np.asarray(one.logps[0]), np.asarray(group.logps[row]), rtol=1e-5, atol=1e-6)
     assert len({tuple(np.asarray(group.tokens[r])) for r in range(g)}) > 1  # rollouts differ
 
 
