@@ -22,6 +22,7 @@ class AudioEncoderConfig:
     num_mel_bins: int = 128
     max_source_positions: int = 1500
     layer_norm_eps: float = 1e-5
+    init_std: float = 0.02  # std of the random init of the linear layers (HF `init_std`; random models only)
 
     @property
     def num_frames(self) -> int:
@@ -48,6 +49,7 @@ class TextConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
+    initializer_range: float = 0.02  # std of the random init of linear layers and embeddings (HF; random models)
 
     @property
     def head_dim(self) -> int:
@@ -205,6 +207,8 @@ def base_run_config():
     c.prompt_mode = "esr"  # ir | eur | esr (DESIGN §5)
     c.sft = ml_collections.ConfigDict({
         "steps": 0, "batch_size": 8, "learning_rate": 1e-3, "micro_batches": 1,
+        "from_run": "",      # a run directory whose SFT result (grpo_start, tokenizer.model) GRPO starts from
+                             # instead of running SFT here: GRPO variants branched from one SFT checkpoint
     })
     c.rl = ml_collections.ConfigDict({
         "steps": 100,
@@ -235,6 +239,19 @@ def base_run_config():
         "seed": 0, "log_every": 1, "checkpoint_every": 50, "keep_checkpoints": 2, "eval_batch_size": 16,
     })
     return c
+
+
+def load_run_config(path, *overrides: str):
+    """A configs/*.py run config exactly as `--config=path --config.key=value ...` gives it on a CLI (for notebooks
+    and scripts). Overrides are "key=value" or "--config.key=value" strings, parsed by ml_collections."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["prog", f"--config={path}", *(o if o.startswith("--config.") else f"--config.{o}" for o in overrides)]
+    values = flags.FlagValues()  # config_flags reads the overrides from sys_argv, as it reads sys.argv on a CLI
+    config_flags.DEFINE_config_file("config", default=None, flag_values=values, lock_config=True, sys_argv=argv)
+    values(argv)
+    return values.config
 
 
 def qwen2_audio_7b_run_config():

@@ -16,10 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
-
-from emorl_jax.config import QWEN2_AUDIO_7B, base_run_config, from_config_dict
+from emorl_jax.config import QWEN2_AUDIO_7B, base_run_config, from_config_dict, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -30,13 +27,7 @@ SEVEN_B = {"qwen2_audio_7b_iemocap.py": ("iemocap", "iemocap4"), "qwen2_audio_7b
 TPU_SH, GPU_SH = ROOT / "launch" / "tpu_vm.sh", ROOT / "launch" / "gpu_node.sh"
 
 
-def load(path: Path, *overrides: str):
-    """Loads a config file as `--config=path --config.x=y ...` does on a CLI."""
-    argv = ["prog", f"--config={path}", *overrides]
-    fv = flags.FlagValues()  # overrides are read from sys_argv, as config_flags reads sys.argv on a CLI
-    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True, sys_argv=argv)
-    fv(argv)
-    return fv.config
+load = load_run_config  # the CLI's own parsing: `--config=path --config.x=y ...`
 
 
 def flat(cfg, prefix=""):

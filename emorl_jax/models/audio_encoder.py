@@ -38,7 +38,8 @@ class Conv1d(nnx.Module):
 
 class EncoderAttention(nnx.Module):
     def __init__(self, cfg: AudioLMConfig, *, rngs: nnx.Rngs):
-        d, kw = cfg.audio.d_model, dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+        d, kw = cfg.audio.d_model, dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs,
+                                        init_std=cfg.audio.init_std)
         self.q_proj = Dense(d, d, use_bias=True, **kw)
         self.k_proj = Dense(d, d, use_bias=False, **kw)
         self.v_proj = Dense(d, d, use_bias=True, **kw)
@@ -60,7 +61,8 @@ class EncoderLayer(nnx.Module):
     def __init__(self, cfg: AudioLMConfig, *, rngs: nnx.Rngs):
         a = cfg.audio
         norm = dict(eps=a.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
-        dense = dict(use_bias=True, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+        dense = dict(use_bias=True, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs,
+                     init_std=a.init_std)
         self.self_attn_layer_norm = LayerNorm(a.d_model, **norm)
         self.self_attn = EncoderAttention(cfg, rngs=rngs)
         self.final_layer_norm = LayerNorm(a.d_model, **norm)

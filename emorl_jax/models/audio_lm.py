@@ -20,7 +20,7 @@ from emorl_jax.models.qwen2 import KVCache, Qwen2Model
 class Projector(nnx.Module):
     def __init__(self, cfg: AudioLMConfig, *, rngs: nnx.Rngs):
         self.linear = Dense(cfg.audio.d_model, cfg.text.hidden_size, use_bias=True, dtype=cfg.compute_dtype,
-                            param_dtype=cfg.params_dtype, rngs=rngs)
+                            param_dtype=cfg.params_dtype, rngs=rngs, init_std=cfg.text.initializer_range)
 
     def __call__(self, x):
         return self.linear(x)
@@ -46,7 +46,7 @@ class AudioLM(nnx.Module):
         self.language_model = Qwen2Model(cfg, rngs=rngs)
         self.lm_head = None if cfg.text.tie_word_embeddings else Dense(
             cfg.text.hidden_size, cfg.text.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype, rngs=rngs)
+            param_dtype=cfg.params_dtype, rngs=rngs, init_std=cfg.text.initializer_range)
         self.cfg = cfg
 
     def encode_audio(self, input_features: jax.Array, feature_attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:

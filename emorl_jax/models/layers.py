@@ -13,14 +13,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-_init = nnx.initializers.normal(0.02)
-
-
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias); x [..., in] -> [..., out] in the compute dtype."""
+    """y = x @ kernel (+ bias); x [..., in] -> [..., out] in the compute dtype. Kernel init N(0, init_std)."""
 
-    def __init__(self, din: int, dout: int, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_init(rngs.params(), (din, dout), param_dtype))
+    def __init__(self, din: int, dout: int, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
+                 init_std: float = 0.02):
+        self.kernel = nnx.Param(nnx.initializers.normal(init_std)(rngs.params(), (din, dout), param_dtype))
         self.bias = nnx.Param(jnp.zeros((dout,), param_dtype)) if use_bias else None
         self.dtype = dtype
 
@@ -32,10 +30,10 @@ class Dense(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table [vocab, d]; `attend` gives tied-head logits."""
+    """Token embedding table [vocab, d], init N(0, init_std); `attend` gives tied-head logits."""
 
-    def __init__(self, num: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(_init(rngs.params(), (num, dim), param_dtype))
+    def __init__(self, num: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, init_std: float = 0.02):
+        self.embedding = nnx.Param(nnx.initializers.normal(init_std)(rngs.params(), (num, dim), param_dtype))
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:

@@ -53,7 +53,7 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 class Attention(nnx.Module):
     def __init__(self, cfg: AudioLMConfig, *, rngs: nnx.Rngs):
         t = cfg.text
-        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs, init_std=t.initializer_range)
         self.q_proj = Dense(t.hidden_size, t.num_attention_heads * t.head_dim, use_bias=True, **kw)
         self.k_proj = Dense(t.hidden_size, t.num_key_value_heads * t.head_dim, use_bias=True, **kw)
         self.v_proj = Dense(t.hidden_size, t.num_key_value_heads * t.head_dim, use_bias=True, **kw)
@@ -79,7 +79,8 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: AudioLMConfig, *, rngs: nnx.Rngs):
         t = cfg.text
-        kw = dict(use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+        kw = dict(use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs,
+                  init_std=t.initializer_range)
         self.gate_proj = Dense(t.hidden_size, t.intermediate_size, **kw)
         self.up_proj = Dense(t.hidden_size, t.intermediate_size, **kw)
         self.down_proj = Dense(t.intermediate_size, t.hidden_size, **kw)
@@ -108,7 +109,7 @@ class Qwen2Model(nnx.Module):
     def __init__(self, cfg: AudioLMConfig, *, rngs: nnx.Rngs):
         t = cfg.text
         self.embed_tokens = Embed(t.vocab_size, t.hidden_size, dtype=cfg.compute_dtype,
-                                  param_dtype=cfg.params_dtype, rngs=rngs)
+                                  param_dtype=cfg.params_dtype, rngs=rngs, init_std=t.initializer_range)
         self.layers = stack_layers(lambda: DecoderLayer(cfg, rngs=rngs), t.num_hidden_layers)
         self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, dtype=cfg.compute_dtype,
                             param_dtype=cfg.params_dtype)
