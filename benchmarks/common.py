@@ -81,16 +81,32 @@ def median_time(fn: Callable[[int], object], repeats: int, warmup: int = 1) -> t
     return statistics.median(times), times
 
 
-def torch_best(fn, repeats: int, quick: bool = False) -> tuple[float, dict[int, float]]:
-    """Median seconds of `fn` with torch using 1 thread and one per CPU (only the latter when quick);
-    (best, {threads: median})."""
+def torch_threads(fn: Callable[[int], object], quick: bool = False) -> dict[int, Callable[[int], object]]:
+    """`fn` wrapped to run torch with 1 thread and with one per CPU (only the latter when quick), by thread count."""
     import torch
 
-    results = {}
-    for threads in [os.cpu_count()] if quick else sorted({1, os.cpu_count()}):
-        torch.set_num_threads(threads)
-        results[threads] = median_time(fn, repeats)[0]
-    return min(results.values()), results
+    def with_threads(n):
+        def run(i):
+            torch.set_num_threads(n)
+            return fn(i)
+        return run
+
+    return {n: with_threads(n) for n in ([os.cpu_count()] if quick else sorted({1, os.cpu_count()}))}
+
+
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median wall seconds of each `fn(i)`, timed round-robin (one run of each per round) so that a change in
+    machine load hits them alike; `warmup` untimed rounds first; results waited for with `block_until_ready`."""
+    for i in range(warmup):
+        for fn in fns.values():
+            jax.block_until_ready(fn(-1 - i))
+    times = {k: [] for k in fns}
+    for i in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(i))
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def timed(fn: Callable[[], object]) -> tuple[object, float]:

@@ -4,7 +4,8 @@ G=8 sampled completions of exactly 64 new tokens (no EOS) for each of 4 prompts 
 no top-k/top-p, on CPU. Prints tokens/s (generated tokens / wall seconds, median of the repeats after a warm-up;
 compile time separately). transformers runs in the same process with the same weights; it repeats each prompt
 (and its audio) G times before its prefill, as `num_return_sequences` does. Torch runs with 1 thread and with
-one thread per CPU; the faster is the reference (on a shared machine OpenMP threads can stall badly).
+one thread per CPU; the faster is the reference (on a shared machine OpenMP threads can stall badly). Ours and
+the torch variants are timed round-robin, so that load changes on a shared machine hit them alike.
 
     python benchmarks/rollouts.py [--quick] [--repeats 5]
 """
@@ -57,12 +58,14 @@ def main():
     inputs = [batch[k] for k in ("prompt_ids", "prompt_mask", "input_features", "feature_mask")]
     keys = lambda i: rollout_keys(jax.random.key(i + 100), prompts, group)
     compiled, compile_s = common.timed(lambda: sample.lower((state,), *inputs, keys(0)).compile())
-    ours_s, _ = common.median_time(lambda i: compiled((state,), *inputs, keys(i)), args.repeats)
     out = compiled((state,), *inputs, keys(0))
     assert np.asarray(out.mask).all(), "our sampler stopped early"
 
-    ref_s, per_threads = common.torch_best(hf_generate_fn(hf, batch, group, new), args.repeats, args.quick)
-    threads = ", ".join(f"{t} thread(s) {tokens / s:.0f} tok/s" for t, s in per_threads.items())
+    torch_fns = common.torch_threads(hf_generate_fn(hf, batch, group, new), args.quick)
+    medians = common.interleaved_medians({"ours": lambda i: compiled((state,), *inputs, keys(i)), **torch_fns},
+                                         args.repeats)
+    ours_s, ref_s = medians["ours"], min(medians[t] for t in torch_fns)
+    threads = ", ".join(f"{t} thread(s) {tokens / medians[t]:.0f} tok/s" for t in torch_fns)
     print(f"compile: ours {compile_s:.2f} s (sampler, once); transformers generate has no compile step")
     common.report("rollout tokens/s (CPU, steady state)", tokens / ours_s, tokens / ref_s,
                   f"ours {ours_s * 1e3:.1f} ms, transformers {ref_s * 1e3:.1f} ms per batch; torch {threads}; "

@@ -35,7 +35,9 @@ def sampler_seconds(graphdef, state, batch, *, group: int, new: int, repeats: in
 def main():
     args = common.parse_args(__doc__.splitlines()[0])
     prompts, group = (2, 4) if args.quick else (4, 8)
-    lengths = (8, 16) if args.quick else (64, 128, 256, 512)
+    # quick: lengths long enough (and 3 repeats) that decoding stands out of the timing noise of a busy machine
+    lengths = (32, 64) if args.quick else (64, 128, 256, 512)
+    repeats = 3 if args.quick else args.repeats
     cfg = common.BENCH
     print(common.machine_info())
     print(f"setup: {prompts} prompts x G={group}, prompt {cfg.audio.num_embeddings + 2 * common.TEXT_TOKENS} tokens "
@@ -43,7 +45,7 @@ def main():
     graphdef, state = nnx.split(AudioLM(cfg, rngs=nnx.Rngs(0)))
     batch = common.audio_prompts(cfg, prompts)
 
-    run = lambda n: sampler_seconds(graphdef, state, batch, group=group, new=n, repeats=args.repeats)
+    run = lambda n: sampler_seconds(graphdef, state, batch, group=group, new=n, repeats=repeats)
     prefill = run(1)
     per_step, totals = {}, {}
     for n in lengths:
@@ -60,7 +62,7 @@ def main():
     n = lengths[0]
     tiled = totals[n]
     repeated = {k: np.repeat(v, group, axis=0) for k, v in batch.items()}
-    per_rollout = sampler_seconds(graphdef, state, repeated, group=1, new=n, repeats=args.repeats)
+    per_rollout = sampler_seconds(graphdef, state, repeated, group=1, new=n, repeats=repeats)
     tokens = prompts * group * n
     common.report(f"rollout tokens/s, prefill once + tile vs prefill per rollout (G={group}, {n} tokens)",
                   tokens / tiled, tokens / per_rollout,

@@ -6,7 +6,7 @@ completions of up to 64 tokens, the same random tiny model on both sides. The Py
 implementation does: transformers' forward on each prompt+completion row (prompt and audio repeated G times),
 `torch.autograd`, `torch.nn.utils.clip_grad_norm_` and `torch.optim.AdamW`. Prints completion tokens/s (median
 of the repeats after a warm-up; compile time separately) and checks that both compute the same first loss.
-Torch runs with 1 thread and with one thread per CPU; the faster is the reference.
+Torch runs with 1 thread and with one thread per CPU; the faster is the reference; all are timed round-robin.
 
     python benchmarks/train_step.py [--quick] [--repeats 5]
 """
@@ -123,18 +123,18 @@ def main():
         losses.append(metrics["loss"])
         return state.params
 
-    _, compile_s = common.timed(lambda: ours_step(-1))  # first call: trace + compile + one step
-    ours_s, _ = common.median_time(ours_step, args.repeats)
-
+    _, first_s = common.timed(lambda: ours_step(-1))  # trace + compile + one step
     torch_step, torch_losses = torch_step_fn(hf, batch, group)
-    ref_s, per_threads = common.torch_best(torch_step, args.repeats, args.quick)
+    torch_fns = common.torch_threads(torch_step, args.quick)
+    medians = common.interleaved_medians({"ours": ours_step, **torch_fns}, args.repeats)
+    ours_s, ref_s = medians["ours"], min(medians[t] for t in torch_fns)
 
     first_ours, first_torch = float(losses[0]), torch_losses[0]
     assert abs(first_ours - first_torch) <= 1e-4 * max(1.0, abs(first_torch)), (first_ours, first_torch)
     print(f"first-step loss: ours {first_ours:.7f}, torch {first_torch:.7f}, "
           f"|diff| {abs(first_ours - first_torch):.2g}")
-    print(f"compile: ours {compile_s - ours_s:.2f} s (first step minus a steady step)")
-    threads = ", ".join(f"{t} thread(s) {tokens / s:.0f} tok/s" for t, s in per_threads.items())
+    print(f"compile: ours {first_s - ours_s:.2f} s (first step minus a steady step)")
+    threads = ", ".join(f"{t} thread(s) {tokens / medians[t]:.0f} tok/s" for t in torch_fns)
     common.report("GRPO train step completion tokens/s (CPU)", tokens / ours_s, tokens / ref_s,
                   f"ours {ours_s * 1e3:.1f} ms, torch {ref_s * 1e3:.1f} ms per step of {tokens} tokens; "
                   f"torch {threads}; load {common.load()}")

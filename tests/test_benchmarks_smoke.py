@@ -29,8 +29,8 @@ def run_quick(script: str) -> str:
 @pytest.mark.parametrize("script, expected", [
     ("rollouts.py", ["rollout tokens/s (CPU, steady state)"]),
     ("train_step.py", ["GRPO train step completion tokens/s (CPU)"]),
-    ("scaling.py", ["decode ms/step max/min over lengths 8..16",
-                    "rollout tokens/s, prefill once + tile vs prefill per rollout (G=4, 8 tokens)"]),
+    ("scaling.py", ["decode ms/step max/min over lengths 32..64",
+                    "rollout tokens/s, prefill once + tile vs prefill per rollout (G=4, 32 tokens)"]),
     ("compiles.py", ["compilations per jitted loop function over 2 steps (max)", "compilations in all 2 steps"]),
     ("memory_7b.py", ["memory_7b cpu 8_CPU_devices full_fp32 update GiB/device"]),
 ])
