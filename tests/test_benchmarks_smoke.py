@@ -18,7 +18,9 @@ LINE = re.compile(rf"^(?P<name>[^:\n]+): ours (?P<ours>{NUMBER}), reference (?P<
 
 
 def run_quick(script: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as when run by hand
+    # One CPU device and no persistent compilation cache (compiles.py counts compilations), as when run by hand.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAX_PERSISTENT_CACHE")
+           and k != "JAX_COMPILATION_CACHE_DIR"}
     env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick"], env=env, capture_output=True,
                           text=True, timeout=300)

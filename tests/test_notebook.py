@@ -19,10 +19,7 @@ def test_notebook_runs_headless(tmp_path, monkeypatch):
     monkeypatch.setenv("EMORL_NOTEBOOK_WORKDIR", str(workdir))
     monkeypatch.setenv("MPLBACKEND", "agg")
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device, as in Colab
-    # A persistent compilation cache: the ablation's second Trainer reuses the first one's programs.
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    # conftest's persistent compilation cache reaches the kernel: the ablation's Trainer reads the first one's programs
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
                    ).execute()

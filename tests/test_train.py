@@ -27,12 +27,6 @@ def _command(workdir: Path) -> list[str]:
             f"--workdir={workdir}", *FAST]
 
 
-def _env(cache: Path) -> dict:
-    # One persistent compilation cache for the three runs, so only the first one compiles.
-    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
 def _metric_rows(workdir: Path) -> list[dict]:
     path = workdir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -44,7 +38,7 @@ def _final_params(workdir: Path):
 
 
 def test_sigterm_and_resume_reach_the_uninterrupted_params(tmp_path):
-    env = _env(tmp_path / "jax_cache")
+    env = dict(os.environ)  # with conftest's compilation cache: only the first of the three runs compiles
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     out = subprocess.run(_command(straight), env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
