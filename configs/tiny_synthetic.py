@@ -1,5 +1,5 @@
 """The small-scale reproduction on CPU: the synthetic emotional-speech corpus, a tiny Qwen2-Audio-shaped model,
-SFT warm-up on ESR-format targets, then GRPO with ESWR + format reward. About 13 minutes on 2 CPU cores.
+SFT warm-up on ESR-format targets, then GRPO with ESWR + format reward. About 14 minutes on 2 CPU cores.
 
   python -m emorl_jax.train --config=configs/tiny_synthetic.py --workdir=runs/tiny
   # the binary-reward ablation, GRPO from the same SFT checkpoint:
