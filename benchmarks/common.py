@@ -68,17 +68,9 @@ def load() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def median_time(fn: Callable[[int], object], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """Median wall seconds of `fn(i)` (i = run index, e.g. for fresh PRNG keys) over `repeats` runs after
-    `warmup` untimed runs; the result is waited for with `jax.block_until_ready`."""
-    for i in range(warmup):
-        jax.block_until_ready(fn(-1 - i))
-    times = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(i))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+def median_time(fn: Callable[[int], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of `fn(i)` (i = run index, e.g. for fresh PRNG keys); see `interleaved_medians`."""
+    return interleaved_medians({"fn": fn}, repeats, warmup)["fn"]
 
 
 def torch_threads(fn: Callable[[int], object], quick: bool = False) -> dict[int, Callable[[int], object]]:
@@ -95,8 +87,9 @@ def torch_threads(fn: Callable[[int], object], quick: bool = False) -> dict[int,
 
 
 def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median wall seconds of each `fn(i)`, timed round-robin (one run of each per round) so that a change in
-    machine load hits them alike; `warmup` untimed rounds first; results waited for with `block_until_ready`."""
+    """Median wall seconds of each `fn(i)` over `repeats` runs (i = run index), timed round-robin (one run of
+    each per round) so that a change in machine load hits them alike; `warmup` untimed rounds first (i < 0);
+    results waited for with `jax.block_until_ready`."""
     for i in range(warmup):
         for fn in fns.values():
             jax.block_until_ready(fn(-1 - i))

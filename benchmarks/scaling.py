@@ -29,7 +29,7 @@ def sampler_seconds(graphdef, state, batch, *, group: int, new: int, repeats: in
     inputs = [batch[k] for k in KEYS]
     keys = lambda i: rollout_keys(jax.random.key(i + 100), prompts, group)
     compiled = sample.lower((state,), *inputs, keys(0)).compile()
-    return common.median_time(lambda i: compiled((state,), *inputs, keys(i)), repeats)[0]
+    return common.median_time(lambda i: compiled((state,), *inputs, keys(i)), repeats)
 
 
 def main():
