@@ -200,6 +200,7 @@ class Trainer:
             train_batch["ref_logps"] = logps_fn(*reference, train_batch)
             for _ in range(c.iterations):
                 state, metrics = update(state, self.frozen, split_micro_batches(train_batch, c.micro_batches))
+            metrics = jax.device_get(metrics)  # waits for the update, so that tokens/s counts all of the step
             elapsed = time.perf_counter() - start
             self._after_step("grpo", state, iterator, {
                 **{f"reward_{k}": float(np.mean(v)) for k, v in scored.items()},
