@@ -28,11 +28,11 @@ from emorl_jax.models.audio_lm import AudioLM
 from emorl_jax.models.lora import split_trainable
 from emorl_jax.rl.grpo import group_advantages
 from emorl_jax.rl.sampler import SamplingParams, make_sampler, rollout_keys
-from emorl_jax.rl.steps import init_train_state, make_grpo_update, make_logps_fn, make_optimizer, split_micro_batches
+from emorl_jax.rl.steps import init_train_state, make_grpo_update, make_logps_fn, make_optimizer
 from emorl_jax.sharding import make_mesh, param_shardings
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-LOOP_FUNCTIONS = ("sample", "logps", "update", "group_advantages")  # the loop's own jitted functions
+LOOP_FUNCTIONS = ("sample", "logps", "grpo_update", "group_advantages")  # the loop's own jitted functions
 
 
 class CompileCounter:
@@ -96,7 +96,7 @@ def main():
         # Both from the same dict: a dict that already holds "old_logps" is another pytree, hence another compile.
         old, ref = logps(state.params, frozen, batch), logps(ref_params, frozen, batch)
         batch.update(old_logps=old, ref_logps=ref)
-        state, metrics = update(state, frozen, split_micro_batches(batch, 1))
+        state, metrics = update(state, frozen, batch)
         jax.block_until_ready(metrics["loss"])
         seconds.append(time.perf_counter() - start)
         counts, _ = counter.take()

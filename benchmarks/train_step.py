@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from emorl_jax.models.lora import split_trainable
-from emorl_jax.rl.steps import init_train_state, make_grpo_update, make_logps_fn, make_optimizer, split_micro_batches
+from emorl_jax.rl.steps import init_train_state, make_grpo_update, make_logps_fn, make_optimizer
 from emorl_jax.sharding import make_mesh, param_shardings
 
 CLIP_EPS, BETA, LR = 0.2, 0.04, 1e-5
@@ -119,7 +119,7 @@ def main():
     def ours_step(_):
         nonlocal state
         ref = logps_fn(ref_params, frozen, batch)
-        state, metrics = update(state, frozen, split_micro_batches({**batch, "ref_logps": ref}, 1))
+        state, metrics = update(state, frozen, {**batch, "ref_logps": ref})
         losses.append(metrics["loss"])
         return state.params
 

@@ -252,6 +252,17 @@ def restore(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = No
     return nnx.merge(graphdef, state)
 
 
+def save_each_shard_once() -> None:
+    """Makes orbax write each shard of an array once, from its first replica (for every save in this process).
+
+    orbax's default splits a replicated shard among its replicas, cutting the slices with eager `jit(slice)`
+    ops: one compile per leaf shape at the first save, and one dispatch per leaf at every save."""
+    import orbax.checkpoint as ocp
+
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class TrainCheckpointer:
     """Resumable training checkpoints under `<workdir>/checkpoints` (orbax CheckpointManager, async saves).
 
@@ -262,6 +273,7 @@ class TrainCheckpointer:
     def __init__(self, workdir: str | os.PathLike, *, keep: int = 2):
         import orbax.checkpoint as ocp
 
+        save_each_shard_once()
         self._ocp = ocp
         self.manager = ocp.CheckpointManager(
             Path(workdir).absolute() / "checkpoints",
@@ -275,6 +287,10 @@ class TrainCheckpointer:
         args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(state),
                                         meta=self._ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, force=force)
+
+    def restore_meta(self, step: int) -> dict:
+        """The JSON dict saved with `step` (nothing else is read)."""
+        return self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
 
     def restore(self, like, step: int | None = None) -> tuple[object, dict]:
         """Restores (state shaped and sharded like `like`, meta) from `step` (default: the latest)."""

@@ -172,7 +172,10 @@ def base_run_config():
 
     c = ml_collections.ConfigDict()
     c.model = model_config_dict(TINY)
-    c.mesh = ml_collections.ConfigDict({"shape": (1, -1, 1)})  # (data, fsdp, tensor); -1 = the rest
+    c.mesh = ml_collections.ConfigDict({
+        "shape": (1, -1, 1),      # (data, fsdp, tensor); -1 = the rest
+        "strict_sharding": False,  # a state leaf over 1 MiB replicated on every device: warning, or error if True
+    })
     c.init = ml_collections.ConfigDict({
         "hf_dir": "",        # HF Qwen2-Audio snapshot to start from (config.json + safetensors)
         "checkpoint": "",    # or an orbax checkpoint written by `python -m emorl_jax.convert`
@@ -189,7 +192,9 @@ def base_run_config():
         "train_split": "train",
         "eval_split": "test",
         "fold": 0,               # IEMOCAP leave-one-session-out fold (1-5); 0 = not IEMOCAP
-        "bucket_multiple": 32,
+        "bucket_multiple": 32,   # prompts (without length_buckets) and SFT targets are padded to multiples of it
+        "length_buckets": (),    # prompt lengths to left-pad each batch to (the smallest that fits; a longer
+                                 # prompt is an error naming the clip); () = round up to bucket_multiple
         "skip_bad_clips": False,
         "worker_count": 0,
         "max_seconds": 0.0,      # clips longer than this are bad clips; 0 = no limit (longer clips are cut to
@@ -220,7 +225,7 @@ def base_run_config():
         "temperature": 1.0, "top_p": 1.0, "top_k": 0,
         "max_new_tokens": 256,
         "iterations": 1,             # mu: optimisation passes per batch of rollouts
-        "micro_batches": 1,          # gradient accumulation (splits prompts)
+        "micro_batches": 1,          # splits prompts: rollouts, log-prob passes and the update (accumulated)
         "loss_normalization": "sequence",  # sequence (paper) | token
         "std_ddof": 0,
         "skip_uniform_groups": True,  # groups whose rewards all equal give no gradient (no KL pull either)
@@ -234,6 +239,8 @@ def base_run_config():
     })
     c.optim = ml_collections.ConfigDict({
         "warmup_fraction": 0.03, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "grad_clip": 1.0,
+        "mu_dtype": "",    # Adam's first moment dtype ("bfloat16" halves it); "" = the param dtype
+        "offload": False,  # optimizer state in host memory (pinned_host), brought to the devices per update
     })
     c.train = ml_collections.ConfigDict({
         "seed": 0, "log_every": 1, "checkpoint_every": 50, "keep_checkpoints": 2, "eval_batch_size": 16,
@@ -275,6 +282,17 @@ def qwen2_audio_7b_run_config():
     c.init.hf_dir = ""       # set on the command line: a local Qwen2-Audio-7B-Instruct snapshot
     c.init.checkpoint = ""   # or its orbax conversion (python -m emorl_jax.convert), faster to restore sharded
     c.tokenizer.path = ""    # set on the command line: the snapshot directory (tokenizer.json)
+
+    # One prompt-length bucket (ours): every GRPO/eval batch is left-padded to 1024 tokens, so the sampler, the
+    # log-prob pass and the update each compile once (a 7B compile costs minutes per shape). The longest prompt
+    # is a full 30 s window: 750 <|AUDIO|> + 27 template tokens (system turn 11, "<|im_start|>user\nAudio 1: "
+    # 8, <|audio_bos|>/<|audio_eos|>/"\n" 3, "<|im_end|>\n<|im_start|>assistant\n" 5) + the ESR instruction:
+    # at least one Qwen2 token per pre-tokenizer piece (127 for MELD's 7 labels, 121 for IEMOCAP's 4), at most
+    # ~190 if long words split (no Qwen2 vocabulary here to count exactly; tests/test_pipeline.py checks both
+    # bounds): 898-970 tokens, over 896, so 1024 = 8 x 128. Clips are ~3-5 s on average (prompts ~300
+    # tokens), so a (384, 1024) pair would cut prompt compute for most batches at the price of twice the
+    # programs; length-sorted windows make short-only batches common enough to try it once compile time allows.
+    c.data.length_buckets = (1024,)
 
     c.prompt_mode = "esr"  # explicit structured reasoning (paper)
     c.sft.steps = 0        # GRPO straight from the instruct model, no SFT warm-up (ours: none is described)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from emorl_jax import checkpoint
+from emorl_jax import checkpoint, distributed
 from emorl_jax.data import emotions
 from emorl_jax.evaluation import GreedyEvaluator, summary_table, write_outputs
 from emorl_jax.run_setup import prepare_data
@@ -37,6 +38,12 @@ flags.DEFINE_string("split", "test", "split to evaluate (MELD: train/dev/test; m
 flags.DEFINE_string("tokenizer", "", "tokenizer path (default: config, or tokenizer.model beside the checkpoint)")
 flags.DEFINE_string("labels", "", "label set name (default: by dataset)")
 flags.DEFINE_string("out", "", "output directory (default: <checkpoint>/eval)")
+flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (TPU pod slices, SLURM, ...): run the "
+                  "same command on every host")
+flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0, for an explicit multi-process run (with "
+                    "--num_processes and --process_id)")
+flags.DEFINE_integer("num_processes", 0, "number of processes of an explicit multi-process run")
+flags.DEFINE_integer("process_id", -1, "this process's index in [0, num_processes) of an explicit run")
 FLAGS = flags.FLAGS
 
 
@@ -67,15 +74,20 @@ def evaluate_one(config, ckpt: Path, out_dir: Path, title: str) -> dict:
     if not data.eval:
         raise ValueError(f"{config.data.dataset}: no utterances in split {config.data.eval_split!r}")
     graphdef, state = nnx.split(model)
+    # Every process reads every held-out batch, feeds its own rows and gets every prediction; process 0 writes.
     evaluator = GreedyEvaluator(graphdef, tokenizer, labels=data.labels, mode=config.prompt_mode,
-                                max_new_tokens=config.rl.max_new_tokens, batch_size=config.train.eval_batch_size)
+                                max_new_tokens=config.rl.max_new_tokens, batch_size=config.train.eval_batch_size,
+                                mesh=mesh)
     predictions, metrics = evaluator.evaluate((state,), data.eval_batches(tokenizer, config.train.eval_batch_size))
-    write_outputs(out_dir, predictions, metrics, data.labels, title=title)
+    if jax.process_index() == 0:
+        write_outputs(out_dir, predictions, metrics, data.labels, title=title)
     return metrics
 
 
 def main(argv):
     del argv
+    distributed.initialize(multihost=FLAGS.multihost, coordinator_address=FLAGS.coordinator_address,
+                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     config = _CONFIG.value.copy_and_resolve_references()
     config.data.dataset = FLAGS.dataset
     config.data.data_dir = FLAGS.data_dir
@@ -94,8 +106,9 @@ def main(argv):
         keys = ("n", "wa", "ua", "weighted_f1", "macro_f1", "invalid_rate", "format_rate")
         results["mean of folds"] = {k: float(np.mean([m[k] for m in results.values()])) for k in keys}
     table = summary_table(results)
-    (out_root / "summary.txt").write_text(table + "\n")
-    print(table)
+    if jax.process_index() == 0:
+        (out_root / "summary.txt").write_text(table + "\n")
+        print(table)
 
 
 if __name__ == "__main__":

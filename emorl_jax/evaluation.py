@@ -1,6 +1,10 @@
 """Greedy evaluation of a model on batches of prompts: decode, parse answers, score, write the outputs.
 
 Used by `python -m emorl_jax.eval` and by the trainer's before/after evaluations.
+
+Multi-process: give the evaluator the mesh. Every process then reads the same global batches (run_setup), feeds
+its own rows (`distributed.global_batch`), gathers every rollout (`distributed.to_host`) and computes the same
+predictions and metrics; only process 0 should write them (`write_outputs` callers check jax.process_index()).
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from emorl_jax import distributed
 from emorl_jax.metrics import compute_metrics, format_table, plot_confusion
 from emorl_jax.rl.rewards import parse_completion
 from emorl_jax.rl.sampler import SamplingParams, make_sampler, rollout_keys
+from emorl_jax.sharding import BATCH_AXES, replicated
 
 PROMPT_KEYS = ("prompt_ids", "prompt_mask", "input_features", "feature_mask")
 
@@ -31,26 +37,44 @@ class GreedyEvaluator:
     """Decodes greedily (the sampler at temperature 0, one rollout per prompt) and parses each answer."""
 
     def __init__(self, graphdef, tokenizer, *, labels: Sequence[str], mode: str, max_new_tokens: int,
-                 batch_size: int):
+                 batch_size: int, mesh: jax.sharding.Mesh | None = None):
+        """mesh: feed every batch as global arrays sharded over ('data', 'fsdp') of `mesh` (needed with several
+        processes; batches are padded to a multiple of data x fsdp rows). None: plain host arrays (one process)."""
         self.tokenizer, self.labels, self.mode, self.batch_size = tokenizer, tuple(labels), mode, batch_size
+        self.mesh = mesh
+        shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+        self._rows = -(-batch_size // shards) * shards  # rows of every compiled batch
         self.sample = make_sampler(graphdef, group_size=1, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
                                    params=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+        self._keys = None
+
+    def _rollout_keys(self) -> jax.Array:
+        """The (unused by greedy decoding) rollout keys; replicated global keys on a mesh."""
+        if self._keys is None:
+            make = lambda: rollout_keys(jax.random.key(0), self._rows, 1)
+            if self.mesh is None:
+                self._keys = make()
+            else:
+                self._keys = jax.jit(make, out_shardings=replicated(self.mesh))()
+        return self._keys
 
     def predict(self, states: tuple, batches: Iterable[dict]) -> list[dict]:
         """One record per utterance: utt_id, gold, pred (None if unparseable), well_formed, completion."""
         out = []
-        keys = rollout_keys(jax.random.key(0), self.batch_size, 1)  # unused by greedy decoding
+        keys = self._rollout_keys()
         for batch in batches:
             n = len(batch["prompt_ids"])
-            arrays = _pad_rows({k: batch[k] for k in PROMPT_KEYS}, self.batch_size)
+            arrays = _pad_rows({k: batch[k] for k in PROMPT_KEYS}, self._rows)
+            if self.mesh is not None:
+                arrays = distributed.global_batch(arrays, self.mesh)
             roll = self.sample(states, *(arrays[k] for k in PROMPT_KEYS), keys)
-            tokens, mask = np.asarray(roll.tokens), np.asarray(roll.mask)
+            tokens, mask, truncated = distributed.to_host((roll.tokens, roll.mask, roll.truncated))
             for i in range(n):
                 text = self.tokenizer.decode(tokens[i][mask[i].astype(bool)], skip_special_tokens=True)
                 parsed = parse_completion(text, self.labels, mode=self.mode)
                 out.append({"utt_id": str(batch["utt_id"][i]), "gold": self.labels[int(batch["label"][i])],
                             "pred": parsed.answer, "well_formed": bool(parsed.well_formed), "completion": text,
-                            "truncated": bool(roll.truncated[i])})
+                            "truncated": bool(truncated[i])})
         return out
 
     def evaluate(self, states: tuple, batches: Iterable[dict]) -> tuple[list[dict], dict]:

@@ -1,5 +1,13 @@
 """What a training or evaluation run sets up from its config: the utterances, the tokenizer, the model, and
-the grain pipelines over them."""
+the grain pipelines over them.
+
+Multi-host input: every process builds the SAME pipelines (all records, same seed, GLOBAL batch sizes), so
+each yields the whole global batch of every step, identical on every process, and feeds its devices only its
+own rows (`emorl_jax.distributed.global_batch`). The batches therefore do not depend on the number of
+processes (a 2-host run equals the 1-host run, and a checkpoint's data-iterator state restores on any host
+count). The price is that every host decodes and featurizes every clip, not 1/num_hosts of them (see
+`emorl_jax.data.pipeline`); the pipeline's own host sharding of records (`shard_index`) is not used.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ class RunData:
     skip_bad_clips: bool
     worker_count: int
     max_seconds: float
+    length_buckets: tuple[int, ...] = ()  # prompt lengths batches are padded to; () = round to bucket_multiple
 
     def _dataset(self, records, tokenizer, batch_size, *, train: bool, seed: int, with_targets: bool):
         return pipeline.make_dataset(
@@ -41,7 +50,9 @@ class RunData:
             audio_window=self.audio_window, seed=seed, shuffle=train, num_epochs=None if train else 1,
             bucket_multiple=self.bucket_multiple, drop_remainder=train,
             target_fn=(lambda u: self.targets[u.utt_id]) if with_targets else None,
-            skip_bad_clips=self.skip_bad_clips, worker_count=self.worker_count, max_seconds=self.max_seconds or None)
+            skip_bad_clips=self.skip_bad_clips, worker_count=self.worker_count, max_seconds=self.max_seconds or None,
+            length_buckets=self.length_buckets,
+            shard_index=0, shard_count=1)  # every process reads the global batches (module docstring)
 
     def train_iterator(self, tokenizer: Tokenizer, batch_size: int, *, seed: int, with_targets: bool,
                        state: str | None = None):
@@ -77,9 +88,9 @@ def _records(config, workdir: Path) -> tuple[tuple[str, ...], list[Utterance], l
     descriptions: dict = {}
     if name == "synthetic":
         root = Path(d.data_dir or workdir / "data")
-        if not (root / "manifest.jsonl").exists():
-            synthetic.generate(root, n_per_class=d.synthetic_per_class, speakers=d.synthetic_speakers,
-                               seed=d.synthetic_seed)
+        _make_once(lambda: (root / "manifest.jsonl").exists(),
+                   lambda: synthetic.generate(root, n_per_class=d.synthetic_per_class, speakers=d.synthetic_speakers,
+                                              seed=d.synthetic_seed), name=f"synthetic corpus {root}")
         records = synthetic.read(root)
         descriptions = synthetic.descriptions(root)
         train = [u for u in records if u.split == d.train_split]
@@ -106,6 +117,24 @@ def _records(config, workdir: Path) -> tuple[tuple[str, ...], list[Utterance], l
     return labels, train, held_out, descriptions
 
 
+def _make_once(exists, make, *, name: str) -> None:
+    """Makes a file the run derives deterministically (the synthetic corpus, a trained tokenizer) unless it
+    `exists()`. With several processes, process 0 makes it first while the others wait, so that processes
+    sharing a disk do not write it at once; a process that still does not see it (a host-local disk) then
+    makes its own, identical copy. Every process must call it."""
+    if jax.process_count() == 1:
+        if not exists():
+            make()
+        return
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0 and not exists():
+        make()
+    multihost_utils.sync_global_devices(f"emorl_jax: {name}")
+    if not exists():
+        make()
+
+
 def prepare_data(config, workdir: str | Path) -> RunData:
     labels, train, held_out, descriptions = _records(config, Path(workdir))
     model = from_config_dict(config.model)
@@ -115,7 +144,8 @@ def prepare_data(config, workdir: str | Path) -> RunData:
         mode=config.prompt_mode,
         audio_window=(model.audio.num_mel_bins, model.audio.num_frames / 100.0),
         bucket_multiple=config.data.bucket_multiple, skip_bad_clips=config.data.skip_bad_clips,
-        worker_count=config.data.worker_count, max_seconds=config.data.max_seconds)
+        worker_count=config.data.worker_count, max_seconds=config.data.max_seconds,
+        length_buckets=tuple(int(b) for b in config.data.get("length_buckets", ())))
 
 
 def prepare_tokenizer(config, workdir: str | Path, data: RunData) -> Tokenizer:
@@ -128,11 +158,11 @@ def prepare_tokenizer(config, workdir: str | Path, data: RunData) -> Tokenizer:
     if config.init.hf_dir or config.init.checkpoint:
         raise ValueError("a pretrained model needs its own tokenizer: set tokenizer.path (e.g. the HF snapshot)")
     path = Path(workdir) / "tokenizer.model"
-    if path.exists():
-        return load_tokenizer(path)
     texts = [build_prompt(instruction(data.mode, data.labels), num_audio_tokens=[1]), *data.targets.values(),
              *data.labels]
-    return train_sentencepiece(texts, path, vocab_size=config.tokenizer.vocab_size)
+    _make_once(path.exists, lambda: train_sentencepiece(texts, path, vocab_size=config.tokenizer.vocab_size),
+               name=f"tokenizer {path}")
+    return load_tokenizer(path)
 
 
 def build_model(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh) -> AudioLM:

@@ -1,40 +1,39 @@
-"""Device mesh, logical axis rules and partition specs for every AudioLM parameter.
+"""Device mesh, logical axis rules, partition specs, activation sharding constraints and sharding reports.
 
-Mesh axes are ('data', 'fsdp', 'tensor'). Params carry logical axes (from their path, see `logical_axes`);
-`RULES` maps logical axes to mesh axes: FSDP shards `embed`, tensor parallelism shards `heads`, `kv_heads`,
-`mlp` and `vocab`. A dimension that a mesh axis does not divide stays replicated. Batches are sharded over
-('data', 'fsdp').
+Mesh axes are ('data', 'fsdp', 'tensor'). Every param carries its logical axes from creation, as the
+`out_sharding` metadata of its `nnx.Param` (e.g. a stacked q_proj kernel [layers, d, heads*head_dim] has
+('layers', 'embed', 'heads')). `RULES` maps logical axes to mesh axes: FSDP shards `embed`, tensor parallelism
+shards `heads`, `kv_heads`, `mlp` and `vocab`; `layers` is never sharded. A dimension that its mesh axis does not
+divide stays replicated. Batches are sharded over ('data', 'fsdp').
+
+Activations carry logical axes too (`constrain`, mapped by `ACTIVATION_RULES`). Constraints apply to functions
+traced inside `jax.set_mesh(mesh)` (`mesh_context(mesh)`); with no mesh in context `constrain` is a no-op, so a
+single-device program is unchanged bit for bit.
+
+`replicated_leaves`, `per_device_bytes` and `check_sharding` report placements: nothing large should end up
+replicated on a multi-device mesh by accident.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from absl import logging
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+LogicalAxes = tuple[str | None, ...]
 RULES: Mapping[str, str | None] = {
-    "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor",
+    "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor", "layers": None,
 }
-
-# (module name, leaf) -> logical axes of the unstacked param; stacked layers get a leading None.
-_LEAF_AXES: Mapping[tuple[str, str], tuple[str | None, ...]] = {
-    ("q_proj", "kernel"): ("embed", "heads"), ("q_proj", "bias"): ("heads",),
-    ("k_proj", "kernel"): ("embed", "kv_heads"), ("k_proj", "bias"): ("kv_heads",),
-    ("v_proj", "kernel"): ("embed", "kv_heads"), ("v_proj", "bias"): ("kv_heads",),
-    ("o_proj", "kernel"): ("heads", "embed"), ("out_proj", "kernel"): ("heads", "embed"),
-    ("out_proj", "bias"): (None,),
-    ("gate_proj", "kernel"): ("embed", "mlp"), ("up_proj", "kernel"): ("embed", "mlp"),
-    ("down_proj", "kernel"): ("mlp", "embed"),
-    ("fc1", "kernel"): ("embed", "mlp"), ("fc1", "bias"): ("mlp",), ("fc2", "kernel"): ("mlp", "embed"),
-    ("fc2", "bias"): (None,),
-    ("embed_tokens", "embedding"): ("vocab", "embed"), ("lm_head", "kernel"): ("embed", "vocab"),
-    ("linear", "kernel"): (None, "embed"), ("linear", "bias"): (None,),
-    ("conv1", "kernel"): (None, None, "embed"), ("conv2", "kernel"): (None, None, "embed"),
-    ("audio_tower", "embed_positions"): (None, "embed"),
+ACTIVATION_RULES: Mapping[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES, "length": None, "embed": None,
+    "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor",
 }
 
 
@@ -59,33 +58,59 @@ def _path_names(path) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
 
 
-def logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of the param at `path` (e.g. ['language_model', 'layers', 'mlp', 'up_proj', 'kernel'])."""
-    names = [n for n in path if n != "value"]
-    if names[-1] in ("lora_a", "lora_b"):  # LoRA A [in, r] / B [r, out] follow their kernel's in / out axis
-        kernel = _LEAF_AXES.get((names[-2], "kernel"), (None, None))
-        axes = (kernel[0], None) if names[-1] == "lora_a" else (None, kernel[1])
-    else:
-        axes = _LEAF_AXES.get((names[-2], names[-1]), ()) if len(names) >= 2 else ()
-    axes = (None,) * (ndim - len(axes)) + tuple(axes)  # leading layer axis, norms, biases: replicated
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def logical_axes(param: nnx.Variable) -> LogicalAxes:
+    """The logical axes of a param (its `out_sharding` metadata); all None (replicated) when it has none.
+
+    Works for a param holding an array, a `jax.ShapeDtypeStruct` (`nnx.eval_shape`) or a tracer.
+    """
+    ndim = len(param.get_value().shape)
+    axes = tuple(param.get_metadata("out_sharding", None) or (None,) * ndim)
     if len(axes) != ndim:
-        raise ValueError(f"param {'.'.join(names)}: {len(axes)} logical axes for a {ndim}-d array")
+        raise ValueError(f"param with logical axes {axes} holds a {ndim}-d array")
     return axes
 
 
-def partition_spec(path: Sequence[str], shape: Sequence[int], mesh: Mesh) -> P:
-    """Mesh axes for a param, replicating any dimension the mesh axis does not divide."""
+def _mesh_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_shape: Mapping[str, int],
+               rules: Mapping[str, str | tuple[str, ...] | None], undivided) -> P:
+    """Maps logical axes to mesh axes by `rules`; a dimension its mesh axes do not divide gets `undivided`."""
     spec = []
-    for axis, size in zip(logical_axes(path, len(shape)), shape):
-        mesh_axis = RULES.get(axis) if axis else None
-        spec.append(mesh_axis if mesh_axis and size % mesh.shape[mesh_axis] == 0 else None)
+    for axis, size in zip(axes, shape, strict=True):
+        if axis is not None and axis not in rules:
+            raise ValueError(f"unknown logical axis {axis!r}; known: {sorted(rules)}")
+        mesh_axes = rules[axis] if axis is not None else None
+        if mesh_axes is None:
+            spec.append(None)
+            continue
+        n = math.prod(mesh_shape[a] for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes))
+        spec.append(mesh_axes if size % n == 0 else undivided)
     return P(*spec)
 
 
+def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """Mesh axes for a param with logical `axes` and `shape` (`RULES`), replicating any dimension the mesh axis
+    does not divide."""
+    return _mesh_spec(axes, shape, mesh.shape, RULES, None)
+
+
 def param_shardings(state, mesh: Mesh):
-    """A NamedSharding for every leaf of an nnx.State (or pytree of arrays/ShapeDtypeStructs)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, partition_spec(_path_names(path), x.shape, mesh)), state)
+    """A NamedSharding for every leaf of `state`, in the same tree structure.
+
+    `state` is an `nnx.State` of params (or any pytree holding `nnx.Variable`s: an optimizer state built by
+    `tree_map` over params keeps them) whose values are arrays, `jax.ShapeDtypeStruct`s or anything with a
+    `.shape`; each Variable's `out_sharding` metadata (`logical_axes`) gives its sharding. Leaves outside any
+    Variable (optimizer counts, a plain dict of arrays) have no logical axes and are replicated.
+    """
+    def one(x):
+        if not _is_variable(x):
+            return NamedSharding(mesh, P())
+        sharding = NamedSharding(mesh, partition_spec(logical_axes(x), x.get_value().shape, mesh))
+        return jax.tree.map(lambda _: sharding, x)
+
+    return jax.tree.map(one, state, is_leaf=_is_variable)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -99,8 +124,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def shard_model(model, mesh: Mesh):
     """Splits an nnx model and places its params on `mesh`: returns (graphdef, sharded state, shardings)."""
-    from flax import nnx
-
     graphdef, state = nnx.split(model)
     shardings = param_shardings(state, mesh)
     return graphdef, jax.device_put(state, shardings), shardings
@@ -108,13 +131,79 @@ def shard_model(model, mesh: Mesh):
 
 def jit_forward(graphdef, shardings, mesh: Mesh):
     """`logits = f(state, input_ids, input_features, feature_attention_mask, attention_mask)` under jax.jit with
-    NamedShardings: params as `shardings`, every batch input and the logits over ('data', 'fsdp')."""
-    from flax import nnx
+    NamedShardings: params as `shardings`, every batch input and the logits over ('data', 'fsdp'); the
+    activation constraints apply (the model is traced under `mesh`)."""
 
     def forward(state, input_ids, input_features, feature_attention_mask, attention_mask):
-        model = nnx.merge(graphdef, state)
-        return model(input_ids, input_features, feature_attention_mask, attention_mask)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            model = nnx.merge(graphdef, state)
+            return model(input_ids, input_features, feature_attention_mask, attention_mask)
 
     batch = lambda ndim: batch_sharding(mesh, ndim)
     return jax.jit(forward, in_shardings=(shardings, batch(2), batch(3), batch(2), batch(2)),
                    out_shardings=batch(3))
+
+
+def mesh_context(mesh: Mesh):
+    """`jax.set_mesh(mesh)`: functions traced (jitted) inside it get the activation constraints of `constrain`."""
+    return jax.set_mesh(mesh)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`x` with a sharding constraint from its logical activation `axes` (one per dimension, `ACTIVATION_RULES`).
+
+    Applies only when a mesh is in context (`jax.set_mesh`); a no-op otherwise. A dimension its mesh axes do not
+    divide is left unconstrained (XLA propagates a sharding); one mapped to None is replicated.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    if len(axes) != x.ndim:
+        raise ValueError(f"constrain: {len(axes)} logical axes {tuple(axes)} for a {x.ndim}-d array")
+    return jax.lax.with_sharding_constraint(x, _mesh_spec(axes, x.shape, mesh.shape, ACTIVATION_RULES,
+                                                          P.UNCONSTRAINED))
+
+
+def _sharded_leaves(tree):
+    """(dotted path, leaf, sharding) of every jax.Array, or ShapeDtypeStruct with a sharding, in `tree`."""
+    found = []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        sharding = getattr(x, "sharding", None) if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) else None
+        if sharding is not None:
+            found.append((".".join(n for n in _path_names(path) if n != "value"), x, sharding))
+    return found
+
+
+def _shard_bytes(x, sharding) -> int:
+    return math.prod(sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+
+
+def per_device_bytes(tree) -> int:
+    """The most bytes any one device holds of `tree`'s arrays (addressable shards only), counting jax.Arrays and
+    ShapeDtypeStructs that carry a sharding (e.g. an AOT memory plan); other leaves are not on a device."""
+    per_device: dict = {}
+    for _, x, sharding in _sharded_leaves(tree):
+        nbytes = _shard_bytes(x, sharding)
+        for device in sharding.addressable_devices:
+            per_device[device] = per_device.get(device, 0) + nbytes
+    return max(per_device.values(), default=0)
+
+
+def replicated_leaves(tree, min_bytes: int = 2**20) -> list[tuple[str, int]]:
+    """(dotted path, bytes per device) of every leaf of `tree` larger than `min_bytes` that is fully replicated
+    over a mesh of more than one device."""
+    return [(path, _shard_bytes(x, s)) for path, x, s in _sharded_leaves(tree)
+            if len(s.device_set) > 1 and s.is_fully_replicated and _shard_bytes(x, s) > min_bytes]
+
+
+def check_sharding(trees: Mapping[str, object], *, strict: bool, min_bytes: int = 2**20) -> list[str]:
+    """Warns (one line each) about every leaf over `min_bytes` (1 MiB) that is replicated on a multi-device mesh,
+    for each named tree (e.g. {'params': ..., 'opt_state': ...}); returns the lines. strict: then raises a
+    ValueError naming them."""
+    problems = [f"{name}.{path}: {nbytes} bytes replicated on every device"
+                for name, tree in trees.items() for path, nbytes in replicated_leaves(tree, min_bytes)]
+    for line in problems:
+        logging.warning("sharding: %s", line)
+    if problems and strict:
+        raise ValueError(f"{len(problems)} large leaves are replicated: " + "; ".join(problems))
+    return problems

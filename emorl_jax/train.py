@@ -15,29 +15,33 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from emorl_jax import checkpoint
+from emorl_jax import checkpoint, distributed
 from emorl_jax.data import emotions
 from emorl_jax.evaluation import GreedyEvaluator, summary_table, write_outputs
 from emorl_jax.models.lora import add_lora, merge_lora, split_trainable, zero_lora
-from emorl_jax.rl import rewards
-from emorl_jax.rl.grpo import group_advantages, metric_means
-from emorl_jax.rl.sampler import SamplingParams, make_sampler, rollout_keys
-from emorl_jax.rl.steps import (PROMPT_KEYS, TrainState, init_train_state, make_grpo_update, make_logps_fn,
-                                make_optimizer, make_sft_update, split_micro_batches)
+from emorl_jax.programs import Program, step_memory
+from emorl_jax.rl.grpo import metric_means
+from emorl_jax.rl.stages import GRPOStages, build_grpo_programs, mean_reward_parts
+from emorl_jax.rl.steps import (PROMPT_KEYS, TrainState, abstract_train_state, compute_dtype_copy, init_train_state,
+                                make_optimizer, make_sft_update, train_state_shardings)
 from emorl_jax.run_log import RunLog
 from emorl_jax.run_setup import RunData, build_model, prepare_data, prepare_tokenizer
-from emorl_jax.sharding import make_mesh, param_shardings
+from emorl_jax.sharding import (check_sharding, make_mesh, param_shardings, per_device_bytes,
+                                replicated_leaves)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py run config", lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, evaluations", required=True)
-flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (TPU pod slices, multi-node GPU)")
+flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (TPU pod slices, SLURM, ...): run the "
+                  "same command on every host")
+flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0, for an explicit multi-process run (with "
+                    "--num_processes and --process_id)")
+flags.DEFINE_integer("num_processes", 0, "number of processes of an explicit multi-process run")
+flags.DEFINE_integer("process_id", -1, "this process's index in [0, num_processes) of an explicit run")
 FLAGS = flags.FLAGS
 
 
@@ -46,7 +50,12 @@ class Preempted(Exception):
 
 
 class Trainer:
-    """Holds the model split (trainable, frozen), the jitted steps and the loops of both stages."""
+    """Holds the model split (trainable, frozen) on the mesh, the compiled programs and the loops of both stages.
+
+    Every process runs the same global input pipeline and feeds its own rows (`distributed.global_batch`); host
+    values (rollout tokens, rewards, metrics) are global on every process, so every process takes the same
+    decisions. `<workdir>/memory.json` records the per-device bytes of each state and each compiled step.
+    """
 
     def __init__(self, config, workdir: str | Path):
         self.config, self.workdir = config, Path(workdir)
@@ -58,16 +67,18 @@ class Trainer:
         if config.lora.rank > 0:
             model = add_lora(model, rank=config.lora.rank, alpha=config.lora.alpha,
                              targets=tuple(config.lora.targets), rngs=nnx.Rngs(config.init.seed + 1))
-        self.graphdef, params, self.frozen = split_trainable(model, lora=config.lora.rank > 0)
+        self.graphdef, params, frozen = split_trainable(model, lora=config.lora.rank > 0)
+        del model
         self.params = jax.device_put(params, param_shardings(params, self.mesh))
-        self.frozen = jax.device_put(self.frozen, param_shardings(self.frozen, self.mesh))
+        self.frozen = jax.device_put(frozen, param_shardings(frozen, self.mesh))
+        del params, frozen
         self.ckpt = checkpoint.TrainCheckpointer(self.workdir, keep=config.train.keep_checkpoints)
         self.log = RunLog(self.workdir, enabled=jax.process_index() == 0)
         self.labels = self.data.labels
         self.evaluator = GreedyEvaluator(self.graphdef, self.tokenizer, labels=self.labels, mode=config.prompt_mode,
                                          max_new_tokens=config.rl.max_new_tokens,
-                                         batch_size=config.train.eval_batch_size)
-        self.key = jax.random.key(config.train.seed)
+                                         batch_size=config.train.eval_batch_size, mesh=self.mesh)
+        self.programs: dict[str, Program] = {}  # every compiled program of the run, by stage and name
         self._stop = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -82,27 +93,64 @@ class Trainer:
             return json.loads((out_dir / "metrics.json").read_text())
         batches = self.data.eval_batches(self.tokenizer, self.config.train.eval_batch_size)
         predictions, metrics = self.evaluator.evaluate((self.params, self.frozen), batches)
-        write_outputs(out_dir, predictions, metrics, self.labels, title=name)
+        if jax.process_index() == 0:
+            write_outputs(out_dir, predictions, metrics, self.labels, title=name)
         self.log.log(0, {k: metrics[k] for k in ("wa", "ua", "weighted_f1", "macro_f1", "invalid_rate")},
                      stage=f"eval_{name}")
         return metrics
 
-    # ----------------------------------------------------------------------------------------- stages
-    def _resume(self, stage: str, tx) -> tuple[TrainState, TrainState, dict]:
-        """(state, its shardings, meta) from the latest checkpoint of `stage`, or a fresh state."""
-        fresh, shardings = init_train_state(tx, self.params, self.mesh)
+    # ----------------------------------------------------------------------------------------- state
+    def _train_state(self, stage: str, tx) -> tuple[TrainState, TrainState, dict]:
+        """(state, its shardings, meta): restored from the latest checkpoint of `stage` straight into its sharded
+        target (no fresh state beside it), or fresh. `self.params` is consumed either way (the state holds the
+        params from here on)."""
+        offload = self.config.optim.offload
+        shardings = train_state_shardings(tx, self.params, self.mesh, offload=offload)
         step = self.ckpt.latest_step()
-        if step is None:
-            return fresh, shardings, {}
-        state, meta = self.ckpt.restore(fresh, step)
-        if meta["stage"] != stage:
-            return fresh, shardings, {}
-        return TrainState(*state), shardings, meta
+        meta = self.ckpt.restore_meta(step) if step is not None else None
+        if meta is not None and meta["stage"] == stage:
+            target = abstract_train_state(tx, self.params, self.mesh, offload=offload)
+            self.params = None
+            state, meta = self.ckpt.restore(target, step)
+            return TrainState(*state), shardings, meta
+        state, shardings = init_train_state(tx, self.params, self.mesh, offload=offload)
+        self.params = None
+        return state, shardings, {}
+
+    def _check_sharding(self, trees: dict) -> None:
+        """Warns about (or, with mesh.strict_sharding, refuses) any leaf over 1 MiB replicated on every device."""
+        check_sharding(trees, strict=self.config.mesh.strict_sharding)
+
+    def _write_memory(self, trees: dict, programs: dict[str, Program]) -> None:
+        """<workdir>/memory.json: per-device bytes (max over devices) of each state and each compiled step."""
+        per_device = {name: per_device_bytes(tree) for name, tree in trees.items()}
+        replicated = sum(b for tree in trees.values() for _, b in replicated_leaves(tree, min_bytes=0))
+        steps = step_memory(programs)
+        report = {"devices": self.mesh.devices.size, "per_device_bytes": per_device, "replicated_bytes": replicated,
+                  "steps": steps,
+                  "compiles": {name: p.compiles for name, p in programs.items()},
+                  "compile_seconds": {name: round(sum(p.compile_seconds), 2) for name, p in programs.items()}}
+        if jax.process_index() == 0:
+            (self.workdir / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
+            gib = lambda b: f"{b / 2**30:.2f}"
+            peak = max((m["argument"] + m["output"] - m["alias"] + m["temp"] for m in steps.values()), default=0)
+            print(f"memory per device (GiB): {', '.join(f'{k} {gib(v)}' for k, v in per_device.items())}; "
+                  f"replicated {gib(replicated)}; largest step {gib(peak)} ({self.workdir / 'memory.json'})")
 
     def _checkpoint(self, stage: str, state: TrainState, iterator, force: bool = False) -> None:
         step = self._global_step(stage, int(state.step))
-        meta = {"stage": stage, "stage_step": int(state.step), "data": iterator.get_state_json()}
+        data = distributed.gather_strings(iterator.get_state_json())  # every process's iterator state
+        meta = {"stage": stage, "stage_step": int(state.step), "data": data}
         self.ckpt.save(step, state, meta, force=force)
+
+    @staticmethod
+    def _data_state(meta: dict) -> str | None:
+        """This process's data-iterator state from a checkpoint's meta. Every process runs the same global
+        pipeline, so the states agree; a run resumed on another process count takes the first."""
+        data = meta.get("data")
+        if data is None or isinstance(data, str):
+            return data
+        return data[jax.process_index()] if len(data) == jax.process_count() else data[0]
 
     def _global_step(self, stage: str, stage_step: int) -> int:
         return stage_step if stage == "sft" else self.config.sft.steps + stage_step
@@ -120,6 +168,7 @@ class Trainer:
         with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(path.absolute(), abstract)
 
+    # ----------------------------------------------------------------------------------------- stages
     def sft(self) -> None:
         """Runs (or resumes) SFT; leaves `self.params` = the policy GRPO starts from, saved as `grpo_start`.
         With `sft.from_run`, that run's `grpo_start` is the start instead (no SFT here)."""
@@ -135,91 +184,85 @@ class Trainer:
             return
         if c.steps > 0:
             tx = make_optimizer(learning_rate=c.learning_rate, total_steps=c.steps, **self._optim_kwargs())
-            state, shardings, meta = self._resume("sft", tx)
-            update = make_sft_update(self.graphdef, tx, shardings)
+            state, shardings, meta = self._train_state("sft", tx)
+            self._check_sharding({"params": state.params, "optimizer": state.opt_state, "frozen": self.frozen})
+            update = Program("sft_update", make_sft_update(self.graphdef, tx, shardings, micro_batches=c.micro_batches))
+            self.programs["sft_update"] = update
             iterator = self.data.train_iterator(self.tokenizer, c.batch_size, seed=self.config.train.seed,
-                                                with_targets=True, state=meta.get("data"))
+                                                with_targets=True, state=self._data_state(meta))
             for _ in tqdm(range(int(state.step), c.steps), desc="SFT", initial=int(state.step), total=c.steps,
                           disable=jax.process_index() != 0):
                 batch = next(iterator)
-                arrays = {k: batch[k] for k in (*PROMPT_KEYS, "target_ids", "target_mask")}
-                state, metrics = update(state, self.frozen, split_micro_batches(arrays, c.micro_batches))
+                arrays = distributed.global_batch({k: batch[k] for k in (*PROMPT_KEYS, "target_ids", "target_mask")},
+                                                  self.mesh)
+                first = update.compiles == 0
+                state, metrics = update(state, self.frozen, arrays)
+                metrics = distributed.to_host(metrics)
+                if first:
+                    self._write_memory({"params": state.params, "optimizer": state.opt_state, "frozen": self.frozen},
+                                       {"sft_update": update})
                 self._after_step("sft", state, iterator, {"nll": metrics["loss"], "grad_norm": metrics["grad_norm"]})
             self.ckpt.wait()
             self.params = state.params
         self._save_tree("grpo_start", self.params)
 
     def grpo(self) -> None:
-        c, r = self.config.rl, self.config.reward
+        c = self.config.rl
         if (self.workdir / "params_final").exists():
             self.params = self._load_tree(self.workdir / "params_final", self.params)
             return
-        # The reference policy is the one GRPO starts from: the frozen base under LoRA, else a copy.
-        reference = (zero_lora(self.params) if self.config.lora.rank > 0 else jax.tree.map(jnp.copy, self.params),
+        # The reference policy is the one GRPO starts from: the frozen base under LoRA, else a copy in the compute
+        # dtype (the model casts every large weight to it anyway, so its log-probs are those of the original).
+        lora = self.config.lora.rank > 0
+        reference = ((zero_lora(self.params) if lora else compute_dtype_copy(self.graphdef, self.params, self.frozen)),
                      self.frozen)
         tx = make_optimizer(learning_rate=c.learning_rate, total_steps=c.steps, **self._optim_kwargs())
-        state, shardings, meta = self._resume("grpo", tx)
-        update = make_grpo_update(self.graphdef, tx, group_size=c.group_size, clip_eps=c.clip_eps, beta=c.beta,
-                                  normalization=c.loss_normalization, temperature=c.temperature,
-                                  state_shardings=shardings)
-        logps_fn = make_logps_fn(self.graphdef, group_size=c.group_size, temperature=c.temperature)
-        sample = make_sampler(self.graphdef, group_size=c.group_size, eos_ids=self.tokenizer.eos_ids,
-                              pad_id=self.tokenizer.pad_id,
-                              params=SamplingParams(c.max_new_tokens, c.temperature, c.top_p, c.top_k))
-        similarity = emotions.similarity_matrix(self.labels, r.similarity)
+        state, shardings, meta = self._train_state("grpo", tx)
+        trees = {"params": state.params, "optimizer": state.opt_state, "frozen": self.frozen}
+        if not lora:
+            trees["reference"] = reference[0]
+        self._check_sharding(trees)
+        programs = build_grpo_programs(c, self.graphdef, tx, self.mesh, shardings, eos_ids=self.tokenizer.eos_ids,
+                                       pad_id=self.tokenizer.pad_id, seed=self.config.train.seed)
+        self.programs.update(programs.as_dict())
+        stages = GRPOStages(self.config, programs, self.mesh, self.tokenizer, self.labels,
+                            emotions.similarity_matrix(self.labels, self.config.reward.similarity))
         iterator = self.data.train_iterator(self.tokenizer, c.batch_size, seed=self.config.train.seed + 1,
-                                            with_targets=False,
-                                            state=meta.get("data"))
+                                            with_targets=False, state=self._data_state(meta))
         for _ in tqdm(range(int(state.step), c.steps), desc="GRPO", initial=int(state.step), total=c.steps,
                       disable=jax.process_index() != 0):
             start = time.perf_counter()
             step = int(state.step)
+            first = programs.update.compiles == 0
             batch = next(iterator)
-            prompts = {k: batch[k] for k in PROMPT_KEYS}
-            keys = rollout_keys(jax.random.fold_in(self.key, self._global_step("grpo", step)), c.batch_size,
-                                c.group_size)
-            roll = sample((state.params, self.frozen), *prompts.values(), keys)
-            tokens, mask = np.asarray(roll.tokens), np.asarray(roll.mask)
-            texts = [self.tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True)
-                     for t, m in zip(tokens, mask)]
-            golds = [self.labels[int(i)] for i in np.repeat(batch["label"], c.group_size)]
-            alpha = rewards.alpha_schedule(step, c.steps, kind=r.alpha_schedule, value=r.alpha)
-            scored = rewards.compute_rewards(
-                texts, golds, labels=self.labels, similarity=similarity, mode=self.config.prompt_mode,
-                weights={"format": r.format_weight, "accuracy": r.accuracy_weight}, accuracy=r.accuracy,
-                alpha=alpha, gamma=r.gamma)
-            advantages, uniform = group_advantages(jnp.asarray(scored["total"]), c.group_size, std_ddof=c.std_ddof)
-            weights = np.ones(len(texts), np.float32)
-            if c.skip_uniform_groups:
-                weights *= ~np.asarray(uniform)
-            if c.mask_truncated:
-                weights *= ~np.asarray(roll.truncated)
-            train_batch = {**prompts, "completions": tokens, "completion_mask": mask,
-                           "advantages": np.asarray(advantages, np.float32), "weights": weights}
-            train_batch["old_logps"] = logps_fn(state.params, self.frozen, train_batch)
-            train_batch["ref_logps"] = logps_fn(*reference, train_batch)
-            for _ in range(c.iterations):
-                state, metrics = update(state, self.frozen, split_micro_batches(train_batch, c.micro_batches))
-            metrics = jax.device_get(metrics)  # waits for the update, so that tokens/s counts all of the step
+            policy = (state.params, self.frozen)
+            rollouts = stages.rollout(policy, batch, self._global_step("grpo", step))
+            scored = stages.score(rollouts, batch, step)
+            advantages, weights = stages.advantages(scored["total"], rollouts.truncated)
+            train_batch = stages.train_batch(batch, rollouts, advantages, weights)
+            train_batch.update(stages.logprobs(reference, policy, train_batch))
+            state, metrics = stages.update(state, self.frozen, train_batch)
             elapsed = time.perf_counter() - start
+            if first:
+                self._write_memory({**trees, "params": state.params, "optimizer": state.opt_state},
+                                   programs.as_dict())
             self._after_step("grpo", state, iterator, {
-                **{f"reward_{k}": float(np.mean(v)) for k, v in scored.items()},
-                "reward_std": float(np.std(scored["total"])), "loss": metrics["loss"],
-                "grad_norm": metrics["grad_norm"], **metric_means(metrics),
-                "completion_length": float(mask.sum(1).mean()), "truncated": float(np.asarray(roll.truncated).mean()),
-                "alpha": alpha, "tokens_per_s": float(mask.sum()) / elapsed})
+                **mean_reward_parts(scored), "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                **metric_means(metrics), "completion_length": float(rollouts.mask.sum(1).mean()),
+                "truncated": float(rollouts.truncated.mean()), "alpha": float(scored["alpha"]),
+                "tokens_per_s": float(rollouts.mask.sum()) / elapsed})
         self.params = state.params
         self.ckpt.wait()
         self._save_tree("params_final", self.params)
         final = nnx.merge(self.graphdef, self.params, self.frozen)
-        checkpoint.save(merge_lora(final) if self.config.lora.rank > 0 else final, self.workdir / "final")
+        checkpoint.save(merge_lora(final) if lora else final, self.workdir / "final")
 
     # ----------------------------------------------------------------------------------------- helpers
     def _after_step(self, stage: str, state: TrainState, iterator, values: dict) -> None:
         step = int(state.step)
         if step % self.config.train.log_every == 0:
             self.log.log(self._global_step(stage, step), values, stage=stage)
-        if self._stop:
+        if distributed.any_process(self._stop):  # every process stops after the same step
             self._checkpoint(stage, state, iterator, force=True)
             self.ckpt.wait()
             raise Preempted(f"SIGTERM: saved {stage} step {step} in {self.workdir}")
@@ -232,20 +275,23 @@ class Trainer:
     def _optim_kwargs(self) -> dict:
         o = self.config.optim
         return dict(warmup_fraction=o.warmup_fraction, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                    grad_clip=o.grad_clip)
+                    grad_clip=o.grad_clip, mu_dtype=o.mu_dtype or None)
 
 
 def run(config, workdir: str | Path) -> dict:
-    """SFT (optional) -> eval -> GRPO -> eval; returns {"sft": metrics, "grpo": metrics}."""
+    """SFT (optional) -> eval -> GRPO -> eval; returns {"sft": metrics, "grpo": metrics}. The jitted programs are
+    traced with the run's mesh in context, so the models' activation sharding constraints apply."""
     trainer = Trainer(config, workdir)
     results = {}
-    trainer.sft()
-    results["after SFT" if config.sft.steps or config.sft.from_run else "before GRPO"] = trainer.evaluate("before_grpo")
-    trainer.grpo()
-    results["after GRPO"] = trainer.evaluate("after_grpo")
+    with jax.set_mesh(trainer.mesh):
+        trainer.sft()
+        results["after SFT" if config.sft.steps or config.sft.from_run else "before GRPO"] = (
+            trainer.evaluate("before_grpo"))
+        trainer.grpo()
+        results["after GRPO"] = trainer.evaluate("after_grpo")
     table = summary_table(results)
-    (Path(workdir) / "summary.txt").write_text(table + "\n")
     if jax.process_index() == 0:
+        (Path(workdir) / "summary.txt").write_text(table + "\n")
         print(table)
     trainer.log.close()
     trainer.ckpt.close()
@@ -255,8 +301,8 @@ def run(config, workdir: str | Path) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    if FLAGS.multihost:
-        jax.distributed.initialize()
+    distributed.initialize(multihost=FLAGS.multihost, coordinator_address=FLAGS.coordinator_address,
+                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     try:
         run(_CONFIG.value, FLAGS.workdir)
     except Preempted as e:

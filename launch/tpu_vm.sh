@@ -218,7 +218,7 @@ cmd_eval() {
       ckpt="$WORKDIR/final"
     fi
   fi
-  local args=(python -m emorl_jax.eval --config="$CONFIG" --checkpoint="$ckpt" --dataset="$dataset"
+  local args=(python -m emorl_jax.eval --multihost --config="$CONFIG" --checkpoint="$ckpt" --dataset="$dataset"
               --data_dir="$EVAL_DATA_DIR" --tokenizer="$HF_DIR")
   # FOLD picks the run; it is a test session only on IEMOCAP (other corpora use EVAL_SPLIT).
   if [[ -n "$FOLD" && "$dataset" == iemocap ]]; then args+=(--fold="$FOLD"); else args+=(--split="$EVAL_SPLIT"); fi

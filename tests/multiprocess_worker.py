@@ -44,13 +44,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from emorl_jax.config import TINY  # noqa: E402
 from emorl_jax.models.audio_lm import AudioLM  # noqa: E402
 from emorl_jax.models.lora import split_trainable  # noqa: E402
-from emorl_jax.rl.steps import init_train_state, make_grpo_update, split_micro_batches  # noqa: E402
-from emorl_jax.sharding import BATCH_AXES, make_mesh, param_shardings  # noqa: E402
+from emorl_jax.distributed import global_batch as to_global  # noqa: E402
+from emorl_jax.rl.steps import init_train_state, make_grpo_update  # noqa: E402
+from emorl_jax.sharding import make_mesh, param_shardings  # noqa: E402
 
 G, PROMPTS, N, MICRO, STEPS = 2, 8, 6, 2, 2
 
@@ -76,15 +76,6 @@ def global_batch(seed=0) -> dict[str, np.ndarray]:
     }
 
 
-def process_local(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """The global array `x` built from only the slice this process's devices hold."""
-    index = sharding.addressable_devices_indices_map(x.shape)
-    rows = sorted({i[1].indices(x.shape[1])[:2] for i in index.values()})
-    start, stop = rows[0][0], rows[-1][1]
-    assert all(a == b for (_, a), (b, _) in zip(rows, rows[1:])), "this process's rows are not contiguous"
-    return jax.make_array_from_process_local_data(sharding, x[:, start:stop], x.shape)
-
-
 def main() -> None:
     mesh = make_mesh((2, 2, 2))
     graphdef, params, frozen = split_trainable(AudioLM(TINY, rngs=nnx.Rngs(0)), lora=False)
@@ -94,9 +85,8 @@ def main() -> None:
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.01))
     state, state_shardings = init_train_state(tx, params, mesh)
     update = make_grpo_update(graphdef, tx, group_size=G, clip_eps=0.2, beta=0.04, normalization="sequence",
-                              state_shardings=state_shardings)
-    micro = split_micro_batches(global_batch(), MICRO)
-    batch = {k: process_local(v, NamedSharding(mesh, P(None, BATCH_AXES))) for k, v in micro.items()}
+                              state_shardings=state_shardings, micro_batches=MICRO)
+    batch = to_global(global_batch(), mesh)  # each process feeds only its own rows
     losses = []
     for _ in range(STEPS):
         state, metrics = update(state, frozen, batch)

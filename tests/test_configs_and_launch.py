@@ -291,6 +291,7 @@ def test_tpu_eval_fold_or_split():
     assert (arg(args, "dataset"), arg(args, "fold"), arg(args, "data_dir"), arg(args, "tokenizer")) == (
         "iemocap", "2", "/d", "/hf")
     assert arg(args, "checkpoint") == "/mnt/shared/runs/qwen2_audio_7b_iemocap_fold2/final"  # train's workdir
+    assert "--multihost" in args  # every worker of a pod slice joins one evaluation
     # no FOLD: emorl_jax.eval runs all five folds, each from its own training run
     (ev,) = dry_run(TPU_SH, "eval", DATA_DIR="/d")
     args = python_module(shlex.split(remote_command(ev)), "emorl_jax.eval")

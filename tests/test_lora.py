@@ -206,6 +206,15 @@ def test_lora_model_runs_sharded_on_the_mesh():
     np.testing.assert_allclose(got, _logits(lora), rtol=0, atol=1e-5)
 
 
+def test_adapters_carry_their_kernels_logical_axes():
+    lora = add_lora(AudioLM(TINY, rngs=nnx.Rngs(0)), rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(1))
+    axes = lambda v: v.get_metadata("out_sharding")
+    q, down = _module(lora, "q_proj"), _module(lora, "down_proj")
+    assert axes(q.lora_a) == ("layers", "embed", None) and axes(q.lora_b) == ("layers", None, "heads")
+    assert axes(down.lora_a) == ("layers", "mlp", None) and axes(down.lora_b) == ("layers", None, "embed")
+    assert axes(_module(merge_lora(lora), "q_proj").kernel) == ("layers", "embed", "heads")
+
+
 def test_bad_arguments_raise_clear_errors():
     base = AudioLM(TINY, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
@@ -220,5 +229,6 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match=r"no LoRA adapters; call add_lora first"):
         split_trainable(base, lora=True)
     with pytest.raises(ValueError, match="has no `language_model.layers` decoder stack"):
-        add_lora(Dense(2, 2, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)),
-                 rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(1))
+        dense = Dense(2, 2, axes=(None, None), use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+                      rngs=nnx.Rngs(0))
+        add_lora(dense, rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(1))

@@ -62,3 +62,23 @@ def _hlo_size(layers: int) -> int:
 
 def test_program_size_does_not_grow_with_depth():
     assert _hlo_size(8) <= 1.02 * _hlo_size(2)
+
+
+def test_params_carry_logical_axes_from_creation():
+    params = nnx.state(nnx.eval_shape(lambda: AudioLM(TINY, rngs=nnx.Rngs(0))), nnx.Param)
+    axes = {".".join(str(k) for k in path): v.get_metadata("out_sharding")
+            for path, v in nnx.to_flat_state(params)}
+    assert axes["language_model.layers.self_attn.q_proj.kernel"] == ("layers", "embed", "heads")
+    assert axes["language_model.layers.self_attn.k_proj.bias"] == ("layers", "kv_heads")
+    assert axes["language_model.layers.self_attn.o_proj.kernel"] == ("layers", "heads", "embed")
+    assert axes["language_model.layers.mlp.down_proj.kernel"] == ("layers", "mlp", "embed")
+    assert axes["language_model.layers.input_layernorm.scale"] == ("layers", None)
+    assert axes["language_model.embed_tokens.embedding"] == ("vocab", "embed")
+    assert axes["language_model.norm.scale"] == (None,)
+    assert axes["audio_tower.conv1.kernel"] == (None, None, "embed")
+    assert axes["audio_tower.embed_positions"] == (None, "embed")
+    assert axes["audio_tower.layers.fc1.bias"] == ("layers", "mlp")
+    assert axes["audio_tower.layers.fc2.bias"] == ("layers", None)  # vectors along the width are replicated
+    assert axes["multi_modal_projector.linear.kernel"] == (None, "embed")
+    for path, param in nnx.to_flat_state(params):
+        assert len(param.get_metadata("out_sharding")) == param.get_value().ndim, path

@@ -249,3 +249,94 @@ def test_bad_arguments(clips, tok):
         _dataset(clips, tok, num_epochs=0)
     with pytest.raises(ValueError, match="unknown prompting mode 'cot'"):
         _dataset(clips, tok, mode="cot")
+
+
+def _prompt_lengths(clips, tok, window_seconds=4.0) -> dict[str, int]:
+    return {u.utt_id: len(encode_prompt(tok, "esr", LABELS, [_embeddings_oracle(u.path, window_seconds)]))
+            for u in clips}
+
+
+def test_prompts_padded_to_the_smallest_length_bucket(clips, tok):
+    lengths = _prompt_lengths(clips, tok)
+    plain = list(_dataset(clips, tok, target_fn=_target, batch_size=2))
+    short = min(max(lengths[u] for u in b["utt_id"]) for b in plain)  # the shortest batch's longest prompt
+    longest = max(lengths.values())
+    buckets = (longest + 3, short)  # any order; neither a multiple of bucket_multiple
+    bucketed = list(_dataset(clips, tok, target_fn=_target, batch_size=2, length_buckets=buckets))
+    assert len(plain) == len(bucketed)
+    widths = set()
+    for a, b in zip(plain, bucketed):
+        need = max(lengths[u] for u in b["utt_id"])
+        t = b["prompt_ids"].shape[1]
+        assert t == (short if need <= short else longest + 3)
+        widths.add(t)
+        n = b["prompt_mask"].sum(1)
+        np.testing.assert_array_equal(n, a["prompt_mask"].sum(1))
+        for row, k in enumerate(n):  # the same prompt, left-padded to the bucket
+            assert b["prompt_ids"][row, t - k:].tolist() == a["prompt_ids"][row, -k:].tolist()
+            assert np.all(b["prompt_ids"][row, :t - k] == tok.pad_id) and b["prompt_mask"][row, :t - k].sum() == 0
+        for key in ("input_features", "feature_mask", "label", "utt_id", "target_ids", "target_mask"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)  # SFT targets still round to the multiple
+        assert b["target_ids"].shape[1] % MULTIPLE == 0
+    assert widths == {short, longest + 3}
+
+
+def test_prompt_longer_than_the_largest_bucket_names_the_clip(clips, tok):
+    lengths = _prompt_lengths(clips, tok)
+    longest = max(lengths, key=lengths.get)
+    assert longest == "clip05"  # the 5 s clip fills the 4 s window
+    bucket = lengths["clip05"] - 1
+    with pytest.raises(ValueError, match=rf"clip05 \(.*clip05\.wav\): its prompt has {lengths['clip05']} tokens, "
+                                         rf"more than the largest length bucket {bucket}"):
+        list(_dataset(clips, tok, length_buckets=(64, bucket)))
+    with pytest.raises(ValueError, match="length_buckets must be positive"):
+        _dataset(clips, tok, length_buckets=(0, 256))
+
+
+def test_run_data_reads_the_global_batches_on_every_process(clips, tok, monkeypatch):
+    """RunData's pipelines ignore the process index/count: every process gets the same global batches."""
+    from emorl_jax.run_setup import RunData
+
+    def data(buckets=()):
+        return RunData(labels=LABELS, train=list(clips), eval=list(clips),
+                       targets={u.utt_id: _target(u) for u in clips}, mode="esr", audio_window=TINY,
+                       bucket_multiple=MULTIPLE, skip_bad_clips=False, worker_count=0, max_seconds=0.0,
+                       length_buckets=buckets)
+
+    def read(d):
+        it = d.train_iterator(tok, 3, seed=4, with_targets=True)
+        return list(d.eval_batches(tok, 4)) + _take(it, 4)
+
+    single = read(data())
+    assert [u for b in single[:4] for u in b["utt_id"]] == [u.utt_id for u in clips]
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    _assert_same_batches(read(data()), single)
+    wide = read(data((512,)))
+    assert all(b["prompt_ids"].shape[1] == 512 for b in wide)
+
+
+@pytest.mark.parametrize("labels", ["meld", "iemocap4"])
+def test_7b_length_bucket_holds_a_full_30s_prompt(labels):
+    """The 7B config's largest bucket holds the prompt of a 30 s clip (750 <|AUDIO|>) in Qwen2 tokens: special
+    tokens count one each; the rest is at least one token per Qwen2 pre-tokenizer piece and (a generous upper
+    bound) one per letter piece of up to 6 letters, two for longer words, and one per byte of punctuation."""
+    import regex
+
+    from emorl_jax.config import qwen2_audio_7b_run_config
+    from emorl_jax.data import emotions
+    from emorl_jax.text.tokenizer import CHAT_SPECIALS, QWEN2_PRETOKENIZE_REGEX
+
+    buckets = qwen2_audio_7b_run_config().data.length_buckets
+    assert len(buckets) == 1 and buckets[0] % 128 == 0
+    prompt = build_prompt(instruction("esr", emotions.label_set(labels)), num_audio_tokens=[750])
+    specials = regex.compile("|".join(regex.escape(t) for t in CHAT_SPECIALS))
+    n_special = len(specials.findall(prompt))
+    pieces = [p for text in specials.split(prompt) for p in regex.findall(QWEN2_PRETOKENIZE_REGEX, text)]
+    letters = [p for p in pieces if regex.search(r"\p{L}", p)]
+    lower = n_special + len(pieces)
+    upper = n_special + sum(1 if len(p.strip()) <= 6 else 2 for p in letters) + sum(
+        len(p.encode()) for p in pieces if p not in letters)
+    assert n_special == 757 and 896 < lower <= upper <= buckets[0], (lower, upper)

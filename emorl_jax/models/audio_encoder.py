@@ -12,7 +12,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emorl_jax.config import AudioLMConfig
-from emorl_jax.models.layers import Dense, LayerNorm, scan_layers, stack_layers
+from emorl_jax.models.layers import Dense, LayerNorm, param, scan_layers, stack_layers
+from emorl_jax.sharding import constrain
+
+HIDDEN = ("batch", "length", "embed")  # logical axes of the hidden states [N, S, d]
 
 
 def conv_output_lengths(num_frames: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -25,8 +28,9 @@ class Conv1d(nnx.Module):
     """torch.nn.Conv1d(k=3, padding=1) on [B, T, C] inputs; kernel [k, in, out]."""
 
     def __init__(self, din: int, dout: int, *, stride: int, dtype, param_dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (3, din, dout), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype))
+        self.kernel = param(nnx.initializers.lecun_normal()(rngs.params(), (3, din, dout), param_dtype),
+                            (None, None, "embed"))
+        self.bias = param(jnp.zeros((dout,), param_dtype), (None,))
         self.stride, self.dtype = stride, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -40,20 +44,21 @@ class EncoderAttention(nnx.Module):
     def __init__(self, cfg: AudioLMConfig, *, rngs: nnx.Rngs):
         d, kw = cfg.audio.d_model, dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs,
                                         init_std=cfg.audio.init_std)
-        self.q_proj = Dense(d, d, use_bias=True, **kw)
-        self.k_proj = Dense(d, d, use_bias=False, **kw)
-        self.v_proj = Dense(d, d, use_bias=True, **kw)
-        self.out_proj = Dense(d, d, use_bias=True, **kw)
+        self.q_proj = Dense(d, d, axes=("embed", "heads"), use_bias=True, **kw)
+        self.k_proj = Dense(d, d, axes=("embed", "heads"), use_bias=False, **kw)
+        self.v_proj = Dense(d, d, axes=("embed", "heads"), use_bias=True, **kw)
+        self.out_proj = Dense(d, d, axes=("heads", "embed"), use_bias=True, **kw)
         self.num_heads = cfg.audio.encoder_attention_heads
 
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
         """x [N, S, d], key_mask [N, S] bool -> [N, S, d]."""
         n, s, d = x.shape
         head_dim = d // self.num_heads
-        split = lambda t: t.reshape(n, s, self.num_heads, head_dim)
+        split = lambda t: constrain(t.reshape(n, s, self.num_heads, head_dim), ("batch", "length", "heads", None))
         q = split(self.q_proj(x) * head_dim**-0.5)  # HF scales q before the product
         out = jax.nn.dot_product_attention(
             q, split(self.k_proj(x)), split(self.v_proj(x)), mask=key_mask[:, None, None, :], scale=1.0)
+        out = constrain(out, ("batch", "length", "heads", None))
         return self.out_proj(out.reshape(n, s, d))
 
 
@@ -66,12 +71,15 @@ class EncoderLayer(nnx.Module):
         self.self_attn_layer_norm = LayerNorm(a.d_model, **norm)
         self.self_attn = EncoderAttention(cfg, rngs=rngs)
         self.final_layer_norm = LayerNorm(a.d_model, **norm)
-        self.fc1 = Dense(a.d_model, a.encoder_ffn_dim, **dense)
-        self.fc2 = Dense(a.encoder_ffn_dim, a.d_model, **dense)
+        self.fc1 = Dense(a.d_model, a.encoder_ffn_dim, axes=("embed", "mlp"), **dense)
+        self.fc2 = Dense(a.encoder_ffn_dim, a.d_model, axes=("mlp", "embed"), **dense)
 
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
+        """x [N, S, d], key_mask [N, S] bool -> [N, S, d]."""
+        x = constrain(x, HIDDEN)
         x = x + self.self_attn(self.self_attn_layer_norm(x), key_mask)
-        return x + self.fc2(jax.nn.gelu(self.fc1(self.final_layer_norm(x)), approximate=False))
+        h = constrain(jax.nn.gelu(self.fc1(self.final_layer_norm(x)), approximate=False), ("batch", "length", "mlp"))
+        return constrain(x + self.fc2(h), HIDDEN)
 
 
 class AudioEncoder(nnx.Module):
@@ -82,7 +90,7 @@ class AudioEncoder(nnx.Module):
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
         self.conv1 = Conv1d(a.num_mel_bins, a.d_model, stride=1, **kw)
         self.conv2 = Conv1d(a.d_model, a.d_model, stride=2, **kw)
-        self.embed_positions = nnx.Param(jnp.zeros((a.max_source_positions, a.d_model), cfg.params_dtype))
+        self.embed_positions = param(jnp.zeros((a.max_source_positions, a.d_model), cfg.params_dtype), (None, "embed"))
         self.layers = stack_layers(lambda: EncoderLayer(cfg, rngs=rngs), a.encoder_layers)
         self.layer_norm = LayerNorm(a.d_model, eps=a.layer_norm_eps, dtype=cfg.compute_dtype,
                                     param_dtype=cfg.params_dtype)

@@ -15,12 +15,14 @@ from emorl_jax.config import AudioLMConfig
 from emorl_jax.models.audio_encoder import AudioEncoder, conv_output_lengths
 from emorl_jax.models.layers import Dense
 from emorl_jax.models.qwen2 import KVCache, Qwen2Model
+from emorl_jax.sharding import constrain
 
 
 class Projector(nnx.Module):
     def __init__(self, cfg: AudioLMConfig, *, rngs: nnx.Rngs):
-        self.linear = Dense(cfg.audio.d_model, cfg.text.hidden_size, use_bias=True, dtype=cfg.compute_dtype,
-                            param_dtype=cfg.params_dtype, rngs=rngs, init_std=cfg.text.initializer_range)
+        self.linear = Dense(cfg.audio.d_model, cfg.text.hidden_size, axes=(None, "embed"), use_bias=True,
+                            dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs,
+                            init_std=cfg.text.initializer_range)
 
     def __call__(self, x):
         return self.linear(x)
@@ -45,8 +47,8 @@ class AudioLM(nnx.Module):
         self.multi_modal_projector = Projector(cfg, rngs=rngs)
         self.language_model = Qwen2Model(cfg, rngs=rngs)
         self.lm_head = None if cfg.text.tie_word_embeddings else Dense(
-            cfg.text.hidden_size, cfg.text.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype, rngs=rngs, init_std=cfg.text.initializer_range)
+            cfg.text.hidden_size, cfg.text.vocab_size, axes=("embed", "vocab"), use_bias=False,
+            dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs, init_std=cfg.text.initializer_range)
         self.cfg = cfg
 
     def encode_audio(self, input_features: jax.Array, feature_attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -74,9 +76,12 @@ class AudioLM(nnx.Module):
         return jnp.where(is_audio[:, None], filled, embeds.reshape(b * t, d)).reshape(b, t, d)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden [..., d] -> logits [..., vocab] in fp32."""
-        out = self.language_model.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        """hidden [..., d] -> logits [..., vocab] in fp32: operands in the compute dtype, the product accumulated
+        and returned in fp32 (no rounding to a bf16 compute dtype). Leading axes are (batch, length...)."""
+        head = self.language_model.embed_tokens.attend if self.lm_head is None else self.lm_head
+        out = head(hidden, out_dtype=jnp.float32)
+        lead = ("batch", *("length",) * (out.ndim - 2))[: out.ndim - 1]
+        return constrain(out, (*lead, "vocab"))
 
     def hidden_states(self, input_ids, input_features=None, feature_attention_mask=None, attention_mask=None,
                       positions=None, cache: KVCache | None = None):

@@ -2,6 +2,10 @@
 
 Parameter names follow the HF checkpoint (`q_proj`, `fc1`, ...), with JAX leaf names: `kernel` [in, out] for
 linear layers, `embedding` [vocab, d] for embeddings, `scale`/`bias` for norms.
+
+Every param carries its logical axes (`param`; `emorl_jax.sharding.RULES` maps them to mesh axes): `embed` (the
+model width), `heads`, `kv_heads`, `mlp`, `vocab`, `layers` (the stacked layer axis) or None. Vectors along the
+model width (norm scales, biases of layers that output `embed`) are replicated: their axis is None.
 """
 
 from __future__ import annotations
@@ -13,19 +17,35 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-class Dense(nnx.Module):
-    """y = x @ kernel (+ bias); x [..., in] -> [..., out] in the compute dtype. Kernel init N(0, init_std)."""
+Axes = tuple[str | None, ...]
 
-    def __init__(self, din: int, dout: int, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
+
+def param(value: jax.Array, axes: Axes) -> nnx.Param:
+    """An nnx.Param carrying its logical axes as `out_sharding` metadata, not placed eagerly on any mesh."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"{len(axes)} logical axes {axes} for a {value.ndim}-d param")
+    return nnx.Param(value, eager_sharding=False, out_sharding=tuple(axes))
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias); x [..., in] -> [..., out] in the compute dtype. Kernel init N(0, init_std).
+
+    `axes` are the kernel's logical axes (in, out); the bias follows the out axis (None when it is `embed`).
+    """
+
+    def __init__(self, din: int, dout: int, *, axes: Axes, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
                  init_std: float = 0.02):
-        self.kernel = nnx.Param(nnx.initializers.normal(init_std)(rngs.params(), (din, dout), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype)) if use_bias else None
+        self.kernel = param(nnx.initializers.normal(init_std)(rngs.params(), (din, dout), param_dtype), axes)
+        bias_axes = (None if axes[1] == "embed" else axes[1],)
+        self.bias = param(jnp.zeros((dout,), param_dtype), bias_axes) if use_bias else None
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        """Operands in the compute dtype; the result in `out_dtype` (e.g. fp32 logits from a bf16 model,
+        accumulated and returned without rounding), default the compute dtype."""
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=out_dtype)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + self.bias[...].astype(y.dtype)
         return y
 
 
@@ -33,22 +53,25 @@ class Embed(nnx.Module):
     """Token embedding table [vocab, d], init N(0, init_std); `attend` gives tied-head logits."""
 
     def __init__(self, num: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, init_std: float = 0.02):
-        self.embedding = nnx.Param(nnx.initializers.normal(init_std)(rngs.params(), (num, dim), param_dtype))
+        self.embedding = param(nnx.initializers.normal(init_std)(rngs.params(), (num, dim), param_dtype),
+                               ("vocab", "embed"))
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+    def attend(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        """x [..., d] -> x @ embedding.T [..., vocab]: operands in the compute dtype, the result in `out_dtype`
+        (default the compute dtype)."""
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T, preferred_element_type=out_dtype)
 
 
 class LayerNorm(nnx.Module):
     """torch.nn.LayerNorm, computed in fp32 and cast back to the compute dtype."""
 
     def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.scale = param(jnp.ones((dim,), param_dtype), (None,))
+        self.bias = param(jnp.zeros((dim,), param_dtype), (None,))
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -63,7 +86,7 @@ class RMSNorm(nnx.Module):
     """Qwen2RMSNorm: normalise in fp32, cast to the compute dtype, then scale."""
 
     def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.scale = param(jnp.ones((dim,), param_dtype), (None,))
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -73,10 +96,13 @@ class RMSNorm(nnx.Module):
 
 
 def stack_layers(make: Callable[[], nnx.Module], n: int) -> nnx.Module:
-    """Builds `n` layers and stacks their params on a new leading axis, for `scan_layers`."""
+    """Builds `n` layers and stacks their params on a new leading axis (logical axis `layers`), for `scan_layers`."""
     layers = [make() for _ in range(n)]
     graphdef, _ = nnx.split(layers[0])
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in layers])
+    stack = lambda *vs: vs[0].replace(jnp.stack([v.get_value() for v in vs]),
+                                      out_sharding=("layers", *vs[0].get_metadata("out_sharding")))
+    is_param = lambda x: isinstance(x, nnx.Variable)
+    stacked = jax.tree.map(stack, *[nnx.state(layer) for layer in layers], is_leaf=is_param)
     return nnx.merge(graphdef, stacked)
 
 

@@ -1,7 +1,8 @@
 """Optional LoRA adapters on the decoder's attention and MLP projections.
 
 A targeted `Dense` with kernel W [..., in, out] becomes a `LoRADense` that keeps W (and the bias) and adds
-`lora_a` [..., in, r] and `lora_b` [..., r, out] (`nnx.LoRAParam`, a subclass of `nnx.Param`):
+`lora_a` [..., in, r] and `lora_b` [..., r, out] (`nnx.LoRAParam`, a subclass of `nnx.Param`; A is sharded like
+the kernel's in axis, B like its out axis, r is replicated):
 y = x W + b + (alpha / r) · (x A) B. The leading `...` is the layer axis of the stacked decoder, so
 `scan_layers` runs adapted layers unchanged. A starts as PEFT's default (kaiming-uniform, a = sqrt(5):
 U(-1/sqrt(in), 1/sqrt(in))) and B as zeros, so a fresh adapter leaves every output bit-identical.
@@ -40,8 +41,10 @@ class LoRADense(Dense):
         *lead, din, dout = kernel.shape
         init_a = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform",
                                                    batch_axis=tuple(range(len(lead))))
-        self.lora_a = nnx.LoRAParam(init_a(rngs.params(), (*lead, din, rank), kernel.dtype))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, rank, dout), kernel.dtype))
+        *lead_axes, in_axis, out_axis = base.kernel.get_metadata("out_sharding")
+        meta = lambda *axes: dict(eager_sharding=False, out_sharding=(*lead_axes, *axes))
+        self.lora_a = nnx.LoRAParam(init_a(rngs.params(), (*lead, din, rank), kernel.dtype), **meta(in_axis, None))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, rank, dout), kernel.dtype), **meta(None, out_axis))
         self.scale = alpha / rank
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -97,7 +100,7 @@ def add_lora(model, *, rank: int, alpha: float, targets: Sequence[str] = DEFAULT
 
 def _abstract_dense(**kw) -> Dense:
     """A Dense built without allocating (abstract params), to be given real ones."""
-    return nnx.eval_shape(lambda: Dense(1, 1, rngs=nnx.Rngs(0), **kw))
+    return nnx.eval_shape(lambda: Dense(1, 1, axes=(None, None), rngs=nnx.Rngs(0), **kw))
 
 
 def merge_lora(model):

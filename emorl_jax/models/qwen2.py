@@ -9,6 +9,10 @@ from flax import nnx
 
 from emorl_jax.config import AudioLMConfig
 from emorl_jax.models.layers import Dense, Embed, RMSNorm, scan_layers, stack_layers
+from emorl_jax.sharding import constrain
+
+HIDDEN = ("batch", "length", "embed")  # logical axes of the hidden states [B, T, d]
+KV = ("batch", "length", "kv_heads", None)  # of keys/values [B, T, kv_heads, head_dim]
 
 
 @flax.struct.dataclass
@@ -30,12 +34,17 @@ class KVCache:
         t = cfg.text
         shape = (t.num_hidden_layers, batch, length, t.num_key_value_heads, t.head_dim)
         zeros = jnp.zeros(shape, cfg.compute_dtype)
-        return cls(zeros, zeros, jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+        return cls.constrained(zeros, zeros, jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+
+    @classmethod
+    def constrained(cls, k, v, mask, index) -> KVCache:
+        """A cache whose k/v/mask carry the activation constraints (batch, and kv_heads for k/v)."""
+        return cls(constrain(k, (None, *KV)), constrain(v, (None, *KV)), constrain(mask, ("batch", "length")), index)
 
     def tile(self, n: int) -> KVCache:
         """Repeats every row `n` times (row b -> rows b*n .. b*n+n-1): one prefill shared by n rollouts."""
-        return KVCache(jnp.repeat(self.k, n, axis=1), jnp.repeat(self.v, n, axis=1),
-                       jnp.repeat(self.mask, n, axis=0), self.index)
+        return KVCache.constrained(jnp.repeat(self.k, n, axis=1), jnp.repeat(self.v, n, axis=1),
+                                   jnp.repeat(self.mask, n, axis=0), self.index)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -54,10 +63,11 @@ class Attention(nnx.Module):
     def __init__(self, cfg: AudioLMConfig, *, rngs: nnx.Rngs):
         t = cfg.text
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs, init_std=t.initializer_range)
-        self.q_proj = Dense(t.hidden_size, t.num_attention_heads * t.head_dim, use_bias=True, **kw)
-        self.k_proj = Dense(t.hidden_size, t.num_key_value_heads * t.head_dim, use_bias=True, **kw)
-        self.v_proj = Dense(t.hidden_size, t.num_key_value_heads * t.head_dim, use_bias=True, **kw)
-        self.o_proj = Dense(t.num_attention_heads * t.head_dim, t.hidden_size, use_bias=False, **kw)
+        q_dim, kv_dim = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+        self.q_proj = Dense(t.hidden_size, q_dim, axes=("embed", "heads"), use_bias=True, **kw)
+        self.k_proj = Dense(t.hidden_size, kv_dim, axes=("embed", "kv_heads"), use_bias=True, **kw)
+        self.v_proj = Dense(t.hidden_size, kv_dim, axes=("embed", "kv_heads"), use_bias=True, **kw)
+        self.o_proj = Dense(q_dim, t.hidden_size, axes=("heads", "embed"), use_bias=False, **kw)
         self.heads, self.kv_heads, self.head_dim, self.theta = (
             t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.rope_theta)
 
@@ -66,13 +76,15 @@ class Attention(nnx.Module):
         [B, S, kv_heads, head_dim], the new keys/values are written at `index` and attention runs over all S
         slots; returns (out [B, T, d], (k, v))."""
         b, t, _ = x.shape
-        q = rope(self.q_proj(x).reshape(b, t, self.heads, self.head_dim), positions, self.theta)
-        k = rope(self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim), positions, self.theta)
-        v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+        heads = ("batch", "length", "heads", None)
+        q = constrain(rope(self.q_proj(x).reshape(b, t, self.heads, self.head_dim), positions, self.theta), heads)
+        k = constrain(rope(self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim), positions, self.theta), KV)
+        v = constrain(self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim), KV)
         if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+            k = constrain(jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1), KV)
+            v = constrain(jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1), KV)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=self.head_dim**-0.5)
+        out = constrain(out, heads)
         return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), (k, v)
 
 
@@ -81,12 +93,14 @@ class MLP(nnx.Module):
         t = cfg.text
         kw = dict(use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs,
                   init_std=t.initializer_range)
-        self.gate_proj = Dense(t.hidden_size, t.intermediate_size, **kw)
-        self.up_proj = Dense(t.hidden_size, t.intermediate_size, **kw)
-        self.down_proj = Dense(t.intermediate_size, t.hidden_size, **kw)
+        self.gate_proj = Dense(t.hidden_size, t.intermediate_size, axes=("embed", "mlp"), **kw)
+        self.up_proj = Dense(t.hidden_size, t.intermediate_size, axes=("embed", "mlp"), **kw)
+        self.down_proj = Dense(t.intermediate_size, t.hidden_size, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        """x [B, T, d] -> [B, T, d] (SwiGLU)."""
+        h = constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), ("batch", "length", "mlp"))
+        return self.down_proj(h)
 
 
 class DecoderLayer(nnx.Module):
@@ -98,9 +112,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, mask, kv=None, index=None):
+        """x [B, T, d] -> (x [B, T, d], (k, v)); see `Attention`."""
+        x = constrain(x, HIDDEN)
         h, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, index)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), HIDDEN), kv
 
 
 class Qwen2Model(nnx.Module):
@@ -136,4 +152,4 @@ class Qwen2Model(nnx.Module):
 
         step = lambda layer, h, kv: layer(h, positions, mask, kv, cache.index)
         x, (k, v) = scan_layers(self.layers, step, embeds, (cache.k, cache.v), remat=self.remat)
-        return self.norm(x), KVCache(k, v, kv_mask, cache.index + t)
+        return self.norm(x), KVCache.constrained(k, v, kv_mask, cache.index + t)

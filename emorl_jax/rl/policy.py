@@ -28,9 +28,18 @@ def completion_logps(model: AudioLM, prompt_ids, prompt_mask, input_features, fe
     mask = jnp.concatenate([jnp.repeat(prompt_mask, group_size, axis=0), completion_mask], axis=1).astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
     hidden, _ = model.language_model(embeds, positions, mask)
-    logits = model.logits(hidden[:, t - 1:-1]) / temperature  # position i predicts token i + 1
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), completions[..., None], axis=-1)[..., 0]
-    return jnp.where(completion_mask.astype(bool), logp, 0.0)
+    logits = model.logits(hidden[:, t - 1:-1]) / temperature  # fp32 [B*G, N, V]; position i predicts token i + 1
+    return jnp.where(completion_mask.astype(bool), token_logps(logits, completions), 0.0)
+
+
+def token_logps(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log_softmax(logits)[..., token] for fp32 logits [..., V] and tokens [...], written as two reductions over
+    the vocabulary (the token's logit by a masked sum, minus the log-sum-exp), so that logits sharded over the
+    vocabulary are never gathered: each device reduces its slice and only [...]-shaped partial sums cross devices.
+    """
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    picked = jnp.sum(jnp.where(vocab == tokens[..., None], logits, 0.0), axis=-1)
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def sft_loss(model: AudioLM, prompt_ids, prompt_mask, input_features, feature_attention_mask, targets,

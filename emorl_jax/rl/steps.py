@@ -1,10 +1,13 @@
-"""Jitted training steps: the optimizer, the SFT update and the GRPO update (gradient accumulation over
-micro-batches inside one jit, NamedShardings on the params and optimizer state, donated state).
+"""Jitted training steps: the optimizer, the train state placed on the mesh, the SFT and GRPO updates and the
+log-prob pass (micro-batches accumulated inside one jit, NamedShardings on the params and optimizer state,
+donated state).
 
-A batch is a dict of arrays. Prompt arrays have B rows (`prompt_ids`, `prompt_mask` [B, T], `input_features`
-[B, mel, frames], `feature_mask` [B, frames]); completion arrays have B*G rows (`completions`,
-`completion_mask` [B*G, N], `old_logps`, `ref_logps` [B*G, N], `advantages`, `weights` [B*G]). Micro-batches
-split along prompts, each keeping all G completions of its prompts.
+A batch is a dict of global arrays (`distributed.global_batch`: rows over ('data', 'fsdp')). Prompt arrays have
+B rows (`prompt_ids`, `prompt_mask` [B, T], `input_features` [B, mel, frames], `feature_mask` [B, frames]);
+completion arrays have B*G rows (`completions`, `completion_mask` [B*G, N], `old_logps`, `ref_logps` [B*G, N],
+`advantages`, `weights` [B*G]). Micro-batches split along prompts, each keeping all G completions of its
+prompts; micro-batch m holds prompts m, m+M, m+2M, ... so that every micro-batch stays spread over the devices
+that hold the batch (no resharding inside the jit).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emorl_jax.rl.grpo import grpo_loss
 from emorl_jax.rl.policy import completion_logps, sft_loss
+from emorl_jax.sharding import param_shardings
 
 PROMPT_KEYS = ("prompt_ids", "prompt_mask", "input_features", "feature_mask")
 
@@ -28,34 +33,90 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
-def init_train_state(tx, params, mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, TrainState]:
-    """A fresh TrainState placed like `params` (optimizer moments follow their params' shardings, scalars are
-    replicated over the mesh), and its tree of shardings for the jitted updates."""
-    state = TrainState(params, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32))
-    if mesh is not None:  # moments come out sharded like their params; put scalars (counts, step) on the mesh too
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        on_mesh = set(mesh.devices.flat)
-        state = jax.tree.map(lambda x: x if x.sharding.device_set == on_mesh else jax.device_put(x, replicated),
-                             state)
-    return state, jax.tree.map(lambda x: x.sharding, state)
+def train_state_shardings(tx, params, mesh: jax.sharding.Mesh, *, offload: bool = False) -> TrainState:
+    """Shardings of the TrainState of `params` (arrays or ShapeDtypeStructs): every optimizer leaf that mirrors a
+    param (Adam's mu and nu) is sharded exactly like that param; counts and the step are replicated.
+
+    offload: optimizer state in host memory (`pinned_host`); the update brings it to the devices and back.
+    """
+    shardings = param_shardings(params, mesh)
+    opt_shapes = jax.eval_shape(tx.init, params)
+    kind = "pinned_host" if offload else None
+    mirror = lambda _, s: s.with_memory_kind(kind) if kind else s
+    replicated = NamedSharding(mesh, P(), memory_kind=kind) if kind else NamedSharding(mesh, P())
+    opt = optax.tree_map_params(tx, mirror, opt_shapes, shardings, transform_non_params=lambda _: replicated)
+    return TrainState(shardings, opt, NamedSharding(mesh, P()))
+
+
+def abstract_train_state(tx, params, mesh: jax.sharding.Mesh, *, offload: bool = False) -> TrainState:
+    """The TrainState of `params` as ShapeDtypeStructs with their shardings: a restore target, or AOT input."""
+    shapes = jax.eval_shape(lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)), params)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                        train_state_shardings(tx, params, mesh, offload=offload))
+
+
+def init_train_state(tx, params, mesh: jax.sharding.Mesh | None = None, *,
+                     offload: bool = False) -> tuple[TrainState, TrainState]:
+    """A fresh TrainState (step 0) and its tree of shardings. On a mesh the optimizer state is created directly
+    in its final sharding (`train_state_shardings`), never replicated. `params` is donated on a mesh: use the
+    returned state's params from here on."""
+    def fresh_train_state(p):
+        return TrainState(p, tx.init(p), jnp.zeros((), jnp.int32))
+
+    init = fresh_train_state
+    if mesh is None:
+        state = jax.jit(init)(params)
+        return state, jax.tree.map(lambda x: x.sharding, state)
+    shardings = train_state_shardings(tx, params, mesh, offload=offload)
+    return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params), shardings
 
 
 def make_optimizer(*, learning_rate: float, total_steps: int, warmup_fraction: float = 0.03,
-                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, grad_clip: float = 1.0):
-    """AdamW with linear warm-up then cosine decay to 0, after global-norm clipping."""
+                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, grad_clip: float = 1.0,
+                   mu_dtype: str | None = None):
+    """AdamW with linear warm-up then cosine decay to 0, after global-norm clipping. `mu_dtype` ("bfloat16")
+    stores the first moment in that dtype (None: the param dtype)."""
     warmup = max(1, int(round(warmup_fraction * total_steps)))
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(total_steps, warmup + 1))
     return optax.chain(optax.clip_by_global_norm(grad_clip),
-                       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+                       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mu_dtype=mu_dtype or None))
+
+
+def compute_dtype_copy(graphdef, params, frozen):
+    """A copy of `params` in the model's compute dtype, for a frozen reference policy: every leaf the model
+    casts to the compute dtype anyway is stored cast (so its log-probs are identical); LayerNorm params, which
+    the model reads in fp32, keep their dtype. `frozen` completes the model (`nnx.merge(graphdef, params,
+    frozen)`)."""
+    from emorl_jax.models.layers import LayerNorm
+
+    model = nnx.merge(graphdef, params, frozen)
+    dtype = model.cfg.compute_dtype
+    keep = [tuple(path) for path, m in nnx.iter_graph(model) if isinstance(m, LayerNorm)]
+    keep_leaf = lambda names: any(names[:len(k)] == k for k in keep)
+    cast = lambda path, x: (x if keep_leaf(tuple(_names(path))) or not jnp.issubdtype(x.dtype, jnp.floating)
+                            else x.astype(dtype))
+
+    def cast_to_compute_dtype(p):
+        return jax.tree_util.tree_map_with_path(cast, p)
+
+    return jax.jit(cast_to_compute_dtype)(params)
+
+
+def _names(path) -> list:
+    return [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
 
 
 def split_micro_batches(batch: dict, num_micro: int) -> dict:
-    """Reshapes every array to [num_micro, rows / num_micro, ...]. Prompt rows (B) and completion rows (B*G)
-    split alike, so micro-batch m holds prompts m*B/M .. (m+1)*B/M - 1 and exactly their G completions each."""
+    """Reshapes every array to [num_micro, rows / num_micro, ...]: micro-batch m holds prompts m, m+M, ... and
+    exactly their G completions each (completion rows b*G .. b*G+G-1 follow prompt b)."""
+    prompts = batch["prompt_ids"].shape[0]
+    if prompts % num_micro:
+        raise ValueError(f"{prompts} prompts do not split into {num_micro} micro-batches")
+
     def split(x):
-        if x.shape[0] % num_micro:
-            raise ValueError(f"{x.shape[0]} rows do not split into {num_micro} micro-batches")
-        return x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:])
+        group = x.shape[0] // prompts
+        x = x.reshape(prompts // num_micro, num_micro, group, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1).reshape(num_micro, prompts // num_micro * group, *x.shape[3:])
     return {k: split(v) for k, v in batch.items()}
 
 
@@ -92,19 +153,35 @@ def _apply(tx, state: TrainState, grads, total, count, metrics):
     return TrainState(params, opt_state, state.step + 1), out
 
 
-def _jit_update(loss_fn, tx, state_shardings):
-    """jit(update(state, frozen, micro_batches)) with the train state sharded and donated."""
+def _to_memory(tree, shardings, kind: str):
+    """Moves leaves whose sharding lives in host memory to `kind` ("device" or "pinned_host")."""
+    def move(x, s):
+        if s.memory_kind != "pinned_host":
+            return x
+        return jax.device_put(x, s.with_memory_kind(kind))
+    return jax.tree.map(move, tree, shardings)
 
-    def update(state, frozen, micro_batches):
+
+def _jit_update(name: str, loss_fn, tx, state_shardings, micro_batches: int):
+    """jit(update(state, frozen, batch)) with the train state sharded and donated; the batch is split into
+    `micro_batches` inside the jit. Host-offloaded optimizer state comes to the devices for the update only."""
+
+    def update(state, frozen, batch):
         loss = lambda params, mb: loss_fn(params, frozen, mb)
-        return _apply(tx, state, *_accumulate(loss, state.params, micro_batches))
+        if state_shardings is not None:
+            state = state._replace(opt_state=_to_memory(state.opt_state, state_shardings.opt_state, "device"))
+        state, metrics = _apply(tx, state, *_accumulate(loss, state.params, split_micro_batches(batch, micro_batches)))
+        if state_shardings is not None:
+            state = state._replace(opt_state=_to_memory(state.opt_state, state_shardings.opt_state, "pinned_host"))
+        return state, metrics
 
+    update.__name__ = update.__qualname__ = name  # compile logs and profiles name it
     return jax.jit(update, in_shardings=(state_shardings, None, None), out_shardings=(state_shardings, None),
                    donate_argnums=0)
 
 
-def make_sft_update(graphdef, tx, state_shardings=None):
-    """`state, metrics = update(state, frozen, micro_batches)`: teacher-forced NLL of `target_ids`/`target_mask`.
+def make_sft_update(graphdef, tx, state_shardings=None, *, micro_batches: int = 1):
+    """`state, metrics = update(state, frozen, batch)`: teacher-forced NLL of `target_ids`/`target_mask`.
 
     `frozen` is the non-trained part of the model state (the base weights under LoRA; empty otherwise).
     """
@@ -114,35 +191,48 @@ def make_sft_update(graphdef, tx, state_shardings=None):
         total, count = sft_loss(model, *(mb[k] for k in PROMPT_KEYS), mb["target_ids"], mb["target_mask"])
         return total, (count, {"tokens": count})
 
-    return _jit_update(loss_fn, tx, state_shardings)
+    return _jit_update("sft_update", loss_fn, tx, state_shardings, micro_batches)
 
 
 def make_grpo_update(graphdef, tx, *, group_size: int, clip_eps: float, beta: float, normalization: str,
-                     temperature: float = 1.0, state_shardings=None):
-    """`state, metrics = update(state, frozen, micro_batches)`: one optax step on the exact global GRPO loss.
+                     temperature: float = 1.0, state_shardings=None, micro_batches: int = 1):
+    """`state, metrics = update(state, frozen, batch)`: one optax step on the exact global GRPO loss.
 
-    The policy's log-probs are taken at the rollout `temperature` (see `completion_logps`); `old_logps` and
-    `ref_logps` in the batch must be too (`make_logps_fn` with the same temperature)."""
+    The policy's log-probs are taken at the rollout `temperature` (see `completion_logps`); `ref_logps` in the
+    batch must be too (`make_logps_fn` with the same temperature). Without `old_logps` in the batch (mu = 1: the
+    policy that sampled is the one being updated) the ratio is exp(logp - stop_gradient(logp)): value 1, the
+    policy's own gradient, and no old-policy pass.
+    """
 
     def loss_fn(params, frozen, mb):
         model = nnx.merge(graphdef, params, frozen)
         logps = completion_logps(model, *(mb[k] for k in PROMPT_KEYS), mb["completions"], mb["completion_mask"],
                                  group_size=group_size, temperature=temperature)
-        loss_sum, denom, metrics = grpo_loss(logps, mb["old_logps"], mb["ref_logps"], mb["advantages"],
+        old = mb["old_logps"] if "old_logps" in mb else jax.lax.stop_gradient(logps)
+        loss_sum, denom, metrics = grpo_loss(logps, old, mb["ref_logps"], mb["advantages"],
                                              mb["completion_mask"], clip_eps=clip_eps, beta=beta,
                                              normalization=normalization, sequence_weights=mb["weights"])
         return loss_sum, (denom, metrics)
 
-    return _jit_update(loss_fn, tx, state_shardings)
+    return _jit_update("grpo_update", loss_fn, tx, state_shardings, micro_batches)
 
 
-def make_logps_fn(graphdef, *, group_size: int, temperature: float = 1.0):
+def make_logps_fn(graphdef, *, group_size: int, temperature: float = 1.0, micro_batches: int = 1):
     """Jitted `logps = f(params, frozen, batch)` [B*G, N] without gradients (old-policy and reference), at the
-    rollout `temperature`."""
+    rollout `temperature`, one micro-batch of prompts at a time (`lax.map`), as the update runs them."""
+
+    def one(params, frozen, mb):
+        model = nnx.merge(graphdef, params, frozen)
+        return completion_logps(model, *(mb[k] for k in PROMPT_KEYS), mb["completions"], mb["completion_mask"],
+                                group_size=group_size, temperature=temperature)
 
     def logps(params, frozen, batch):
-        model = nnx.merge(graphdef, params, frozen)
-        return completion_logps(model, *(batch[k] for k in PROMPT_KEYS), batch["completions"],
-                                batch["completion_mask"], group_size=group_size, temperature=temperature)
+        batch = {k: batch[k] for k in (*PROMPT_KEYS, "completions", "completion_mask")}
+        if micro_batches == 1:
+            return one(params, frozen, batch)
+        out = jax.lax.map(lambda mb: one(params, frozen, mb), split_micro_batches(batch, micro_batches))
+        m, rows, n = out.shape  # [M, B/M*G, N], micro-batch m = prompts m, m+M, ... -> [B*G, N] in row order
+        out = out.reshape(m, rows // group_size, group_size, n)
+        return jnp.swapaxes(out, 0, 1).reshape(m * rows, n)
 
     return jax.jit(logps)
