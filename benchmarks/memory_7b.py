@@ -11,12 +11,16 @@ Targets: a TPU slice through `jax.experimental.topologies` (the TPU compiler, no
 subprocess that has `--libtpu DIR` on its path, DIR from `pip install --no-deps --target DIR libtpu-*.whl`), or
 `--quick`: a narrow 7B-shaped model on this process's CPU devices (seconds; the smoke test).
 
-Memory. Compile time does not grow with depth (scanned layers), but one 7B update compile takes 5 min on 2
-busy cores, so every program is compiled with L = 1 and L = 2 decoder + encoder layers and each
-memory_analysis figure is extrapolated linearly to 32: f(32) = f(1) + 31 (f(2) - f(1)); `--depths 32` compiles
-at full depth instead (then used as is, and compared with the line where both exist). Per-chip GiB needed = the resident state (trained params,
-optimizer state unless offloaded to host, the reference copy, frozen params) + the worst phase's batch
-arguments + outputs - aliased + temporaries.
+Memory. The layers are scanned, so a full-depth compile costs no more than a shallow one (measured on 2 busy
+cores: 13-136 s per program at 32 layers vs 20-382 s at 1-2), and the plan compiles the 32-layer programs
+(`--depths 32`, the default). `--depths 1 2` extrapolates each memory_analysis figure linearly instead,
+f(32) = f(1) + 31 (f(2) - f(1)), and prints the line next to any full-depth compile: at L = 1 XLA plans the
+update differently (its temporaries shrink from L = 1 to 2), so the line misses badly there. A slice that did not
+compile a phase takes it from a slice with as many chips, else scales another slice's per-chip bytes by the
+chips ratio (listed as "estimated"). A program the TPU compiler rejects for HBM is counted with the
+temporaries its message states. Per-chip GiB needed = the resident state (trained params, optimizer state
+unless offloaded to host, the reference copy, frozen params) + the worst phase's batch arguments + outputs -
+aliased + temporaries.
 
 FLOPs. XLA's cost_analysis counts a loop body once whatever its trip count (the scanned update has the same
 FLOPs at L = 1 and L = 2), so FLOPs come from separate lowerings ("cpu8": 8 fake CPU devices, nothing compiled:
@@ -28,8 +32,9 @@ Per chip = global / chips (FSDP splits the batch evenly). Roofline: max(FLOPs / 
 bandwidth) per phase (the sampler per prefill and per decode step), with a lower bound on HBM bytes: every
 pass streams the weights it uses through each chip, decode steps also read the KV cache (`hbm_bytes`).
 
-    python benchmarks/memory_7b.py --libtpu .whl/libtpu_pkg [--slices v5e-8 v5p-8 v4-8 v4-32] [--variants ...]
-    python benchmarks/memory_7b.py --quick
+    python benchmarks/memory_7b.py --libtpu .whl/libtpu_pkg --json plan.jsonl [--slices v5e-8 ...] [--variants ...]
+    python benchmarks/memory_7b.py --from-json plan.jsonl      # the tables again, nothing compiled
+    python benchmarks/memory_7b.py --quick                      # narrow model, 8 CPU devices, ~30 s
 """
 
 from __future__ import annotations
@@ -66,13 +71,17 @@ SLICES = {
     "v5e-8": Slice("v5e:2x4", None, 8, 16, 197, 0.82),
     # multi-host (4 hosts x 4 chips); one pass over all 16 prompts so each of the 16 chips holds one prompt
     "v4-32": Slice("v4:2x2x4", "megacore", 16, 32, 275, 1.2, rl=(("micro_batches", 1),)),
+    # v4-8 with 4 micro-batches of 4 prompts (one per chip): half the update's activations of the default 2
+    "v4-8-m4": Slice("v4:2x2x1", "megacore", 4, 32, 275, 1.2, rl=(("micro_batches", 4),)),
 }
 VARIANTS = {  # name: (param dtype, Adam mu dtype, optimizer offloaded to host, LoRA rank)
     "full_fp32": ("float32", None, False, 0),
     "full_mu_bf16": ("float32", "bfloat16", False, 0),
     "full_offload": ("float32", None, True, 0),
+    "full_mu_bf16_offload": ("float32", "bfloat16", True, 0),
     "full_bf16": ("bfloat16", None, False, 0),
     "lora16": ("float32", None, False, 16),
+    "lora16_bf16": ("bfloat16", None, False, 16),  # the frozen base (and adapters) stored in bf16
 }
 PHASES = ("sample", "logps", "update")
 
@@ -83,7 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES,
                    help="programs to compile (a phase not compiled on a slice is estimated from another slice)")
-    p.add_argument("--depths", type=int, nargs="+", default=(1, 2), help="layer counts to compile: two to extrapolate from, or one (the slope then from another slice)")
+    p.add_argument("--depths", type=int, nargs="+", default=(32,),
+                   help="layer counts to compile on the TPU slices: 32 (full depth), or two to extrapolate from")
     p.add_argument("--libtpu", type=Path, help="directory holding the libtpu package (pip install --target)")
     p.add_argument("--json", type=Path, help="append every compile's RESULT as a JSON line here")
     p.add_argument("--from-json", type=Path, nargs="+", help="print the tables from --json files, compile nothing")
@@ -121,7 +131,7 @@ def _unrolled_scan(f, init, xs=None, length=None, reverse=False, unroll=1, _spli
     n = length if xs is None or not jax.tree.leaves(xs) else jax.tree.leaves(xs)[0].shape[0]
     carry, ys = init, []
     for i in (reversed(range(n)) if reverse else range(n)):
-        carry, y = f(carry, jax.tree.map(lambda a: a[i], xs))
+        carry, y = f(carry, jax.tree.map(lambda a, i=i: a[i], xs))
         ys.append(y)
     ys = ys[::-1] if reverse else ys
     return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
@@ -202,7 +212,8 @@ def plan_programs(config, variant: str, mesh, layers: int | None):
     t = max(config.data.length_buckets)
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
     prompts = lambda rows: (sds((rows, t), jnp.int32), sds((rows, t), jnp.int32),
-                            sds((rows, a.num_mel_bins, a.num_frames), jnp.float32), sds((rows, a.num_frames), jnp.int32))
+                            sds((rows, a.num_mel_bins, a.num_frames), jnp.float32),
+                            sds((rows, a.num_frames), jnp.int32))
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b * g // m))
     batch = dict(zip(stages.LOGP_KEYS, (*prompts(b), sds((b * g, n), jnp.int32), sds((b * g, n), jnp.int32))))
     train_batch = {**batch, "advantages": sds((b * g,), jnp.float32), "weights": sds((b * g,), jnp.float32),
@@ -254,13 +265,13 @@ def compile_variant(config, variant: str, mesh, layers: int | None, cache: dict,
     programs, args, resident, state_args = plan_programs(config, variant, mesh, layers)
     out = []
     for phase in tuple(phases) + (("prefill",) if mode == "flops" else ()):
+        program = getattr(programs, "sample" if phase == "prefill" else phase)
         key = (phase, mode, signature(args["sample" if phase == "prefill" else phase]))
         if key not in cache and (variant, phase, layers, mode) in (done or {}):
             cache[key] = {**done[(variant, phase, layers, mode)], "program": None, "resumed": True}
             for k in ("slice", "variant", "phase", "layers", "mode", "chips", "resident", "state_args", "reused"):
                 cache[key].pop(k, None)
         if key not in cache:
-            program = getattr(programs, "sample" if phase == "prefill" else phase)
             start = time.perf_counter()
             jax.clear_caches()  # jit caches traces by function and arguments: a patched loop needs a fresh trace
             try:
@@ -280,7 +291,7 @@ def compile_variant(config, variant: str, mesh, layers: int | None, cache: dict,
         out.append({"slice": label, "variant": variant, "phase": phase, "layers": layers, "mode": mode,
                     "chips": mesh.devices.size, **r, "resident": resident,
                     "state_args": state_args["sample" if phase == "prefill" else phase],
-                    "reused": cache[key]["program"] is not getattr(programs, "sample" if phase == "prefill" else phase)})
+                    "reused": cache[key]["program"] is not program})
     return out
 
 
@@ -310,7 +321,7 @@ def worker(args) -> None:
     config = run_config(quick=False)
     if args.worker == "cpu8":
         mesh = make_mesh((1, -1, 1))
-        jobs = [(v, d, "flops") for v in ("full_fp32", "lora16") for d in args.worker_depths]
+        jobs = [(v, d, "flops") for v in ("full_fp32", "lora16") for d in (1, 2)]  # FLOPs are linear in depth
     else:
         config.rl.update(dict(SLICES[args.worker].rl))
         mesh = slice_mesh(args.worker)
@@ -390,7 +401,11 @@ def extrapolate(results: list[dict], depth: int) -> dict:
     a slice with as many chips, else scaled the same way. Estimated phases are listed in plan["estimated"]."""
     rs = {}
     for r in results:
-        if r["mode"] == "memory" and "oom" not in r:
+        if r["mode"] == "memory" and "oom" in r and oom_temps(r["oom"]):
+            # rejected for HBM: its temporaries from the compiler's message, arguments = the state it reads
+            r = {**r, "temp": oom_temps(r["oom"]), "argument": r["state_args"], "output": 0, "alias": 0,
+                 "host_temp": 0}
+        if r["mode"] == "memory" and ("oom" not in r or "temp" in r):
             rs[(r["slice"], r["variant"], r["phase"], r["layers"])] = r
     depths = sorted({k[3] for k in rs if k[3] is not None and k[3] != depth})
     chips = {k[0]: r["chips"] for k, r in rs.items()}
@@ -406,11 +421,11 @@ def extrapolate(results: list[dict], depth: int) -> dict:
         if a and b and lo != hi:
             return {k: a[k] + (depth - lo) * (b[k] - a[k]) / (hi - lo) for k in MEMORY_KEYS}, a
 
-    def donors(name, variant, phase):  # slices with both depths, the same chip count first
-        for v in (variant, "full_fp32"):
-            found = [n for n in chips if (n != name or v != variant) and exact(n, v, phase)]
-            for n in sorted(found, key=lambda n: (n != name, chips[n] != chips[name], n)):
-                yield n, v
+    def donors(name, variant, phase):  # (slice, variant) with the phase compiled: this slice first
+        same_program = [v for v in VARIANTS if phase != "update" and VARIANTS[v][::3] == VARIANTS[variant][::3]]
+        pairs = [(n, v) for n in chips for v in dict.fromkeys([variant, *same_program, "full_fp32"])
+                 if (n, v) != (name, variant) and exact(n, v, phase)]
+        yield from sorted(pairs, key=lambda p: (p[0] != name, chips[p[0]] != chips[name], p[1] != variant, p))
 
     plans = {}
     for name, variant in sorted({(k[0], k[1]) for k in rs}):
@@ -421,15 +436,24 @@ def extrapolate(results: list[dict], depth: int) -> dict:
                 phases[phase] = got[0]
                 continue
             own = rs.get((name, variant, phase, lo))
+            same = [v for v in VARIANTS if v != variant and own and exact(name, v, phase) and
+                    all(own[k] == exact(name, v, phase)[1][k] for k in MEMORY_KEYS)]
+            if same:  # the same program (same abstract inputs) as another variant's on this slice
+                phases[phase] = exact(name, same[0], phase)[0]
+                continue
             for donor, v in donors(name, variant, phase):
                 line, base = exact(donor, v, phase)
                 scale = chips[donor] / chips[name]
                 if own:  # own depth-lo figures + the donor's slope per layer, scaled
                     phases[phase] = {k: own[k] + (line[k] - base[k]) * scale for k in MEMORY_KEYS}
                     estimated.append(f"{phase}: slope from {donor}" + (f" {v}" if v != variant else ""))
-                elif v == variant:
+                elif v == variant or (phase != "update" and VARIANTS[v][::3] == VARIANTS[variant][::3]):
+                    # the sampler and log-prob pass read only params: a variant that differs in the optimizer alone
+                    # runs the same programs
                     phases[phase] = {k: line[k] * scale for k in MEMORY_KEYS}
-                    estimated.append(f"{phase}: from {donor}" + (f" x {scale:g}" if scale != 1 else ""))
+                    if donor != name:  # else: this slice's compile of the same program
+                        estimated.append(f"{phase}: from {donor}" + (f" {v}" if v != variant else "") +
+                                         (f" x {scale:g}" if scale != 1 else ""))
                 else:
                     continue
                 break
@@ -450,9 +474,10 @@ def extrapolate(results: list[dict], depth: int) -> dict:
         else:
             continue
         plan = {"slice": name, "variant": variant, "chips": chips[name], "phases": phases, "resident": resident,
-                "estimated": estimated,
+                "estimated": estimated, "rejected": [k[2] for k, r in rs.items() if k[:2] == (name, variant)
+                                                     and k[3] == depth and "oom" in r],
                 "compile_s": sum(r["compile_s"] for k, r in rs.items() if k[:2] == (name, variant)
-                                 and not r["reused"] and k[3] is not None)}
+                                 and not r["reused"] and k[3] == (depth if runs[-1]["layers"] == depth else k[3]))}
         for phase in PHASES:
             a, b, full = (rs.get((name, variant, phase, d)) for d in (lo, hi, depth))
             if a and b and full and lo != hi:
@@ -522,7 +547,16 @@ def step_figures(plan: dict, s: Slice, flops: dict | None, hbm: dict, rl: dict) 
 
 
 def lo_hi(results: list[dict], name: str) -> str:
-    return "/".join(map(str, sorted({r["layers"] for r in results if r["slice"] == name and r["layers"]})))
+    depths = sorted({r["layers"] for r in results if r["slice"] == name and r["layers"]})
+    return f"{depths[0]} and {depths[1]}"
+
+
+def oom_temps(message: str) -> float | None:
+    """Bytes of HLO temporaries in the TPU compiler's out-of-HBM message."""
+    import re
+
+    found = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+    return float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024 if found else None
 
 
 def oom_summary(message: str) -> str:
@@ -542,10 +576,11 @@ def print_plan(results: list[dict]) -> dict:
     g = lambda b: f"{b / GiB:.1f}"
     print(f"\nParameters: {w}. Global FLOPs per GRPO step (TFLOP): " + "; ".join(
         f"{cls}: " + ", ".join(f"{k} {v / 1e12:.1f}" for k, v in f.items()) for cls, f in flops.items()))
-    print("\nPer chip, GiB (extrapolated to 32 + 32 layers from 1 and 2), FLOPs and roofline per GRPO step:\n")
+    print(f"\nPer chip, GiB at {depth} + {depth} layers (compiled at that depth, else as listed below), FLOPs and "
+          "roofline per GRPO step:\n")
     print("| slice (chips x HBM GiB) | variant | params | optimizer | reference | frozen | temps (worst phase) | "
           "need (phase) | fits? | TFLOP per chip: sample / logps / update | roofline s: sample / logps / "
-          "update (total) | compile s |")
+          "update (total) | compile s (its new programs) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     out = {}
     for (name, variant), plan in sorted(plans.items(), key=lambda kv: (list(SLICES).index(kv[0][0]),
@@ -556,6 +591,8 @@ def print_plan(results: list[dict]) -> dict:
                                                                                      s.chips, w), rl[name])
         margin = s.hbm_gib - f["peak"] / GiB
         verdict = f"fits, {margin:.1f} free" if margin >= 0 else f"misses by {-margin:.1f}"
+        if plan["rejected"]:
+            verdict += f" ({', '.join(plan['rejected'])} rejected by the compiler)"
         res = plan["resident"]
         opt = g(res["optimizer"]) + (f" (+{g(res['optimizer_host'])} host)" if res["optimizer_host"] else "")
         tflop = " / ".join(f"{f['flops'][k] / 1e12:.0f}" for k in PHASES) if "flops" in f else "-"
@@ -569,7 +606,7 @@ def print_plan(results: list[dict]) -> dict:
             print(f"{name} {variant}: estimated " + "; ".join(plan["estimated"]))
         for phase, c in plan.get("check", {}).items():
             line, full = c["line"], c["compiled"]
-            print(f"extrapolation check {name} {variant} {phase}: line through L={lo_hi(results, name)} gives "
+            print(f"extrapolation check {name} {variant} {phase}: the line through L={lo_hi(results, name)} gives "
                   f"temp {g(line['temp'])} GiB, arguments {g(line['argument'])}; the full-depth compile "
                   f"{g(full['temp'])}, {g(full['argument'])} ({c['compile_s']:.0f} s)")
     for r in results:
@@ -620,5 +657,5 @@ def quick() -> dict:
 if __name__ == "__main__":
     if "--quick" in sys.argv and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         # 8 fake CPU devices (set before JAX starts), the FSDP mesh of a v5e-8
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
     main()

@@ -175,6 +175,11 @@ def base_run_config():
     c.mesh = ml_collections.ConfigDict({
         "shape": (1, -1, 1),      # (data, fsdp, tensor); -1 = the rest
         "strict_sharding": False,  # a state leaf over 1 MiB replicated on every device: warning, or error if True
+        # Activation sharding constraints (sharding.constrain) in every program. False lets XLA propagate
+        # shardings alone: needed on fake multi-device CPU meshes, where XLA:CPU (jax 0.10.2) can deadlock in a
+        # collective rendezvous running an update with constraints (one device thread at all-gather 94, the
+        # other at 5, then an abort); seen in about half the runs of the 2-device resume test.
+        "activation_constraints": True,
     })
     c.init = ml_collections.ConfigDict({
         "hf_dir": "",        # HF Qwen2-Audio snapshot to start from (config.json + safetensors)

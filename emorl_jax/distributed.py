@@ -51,6 +51,28 @@ def initialize(*, multihost: bool, coordinator_address: str = "", num_processes:
         jax.distributed.initialize()
 
 
+def define_flags() -> None:
+    """The multi-process flags of the train and eval CLIs (absl): --multihost, --coordinator_address,
+    --num_processes, --process_id."""
+    from absl import flags
+
+    flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (TPU pod slices, SLURM, ...): run "
+                      "the same command on every host")
+    flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0, for an explicit multi-process run "
+                        "(with --num_processes and --process_id)")
+    flags.DEFINE_integer("num_processes", 0, "number of processes of an explicit multi-process run")
+    flags.DEFINE_integer("process_id", -1, "this process's index in [0, num_processes) of an explicit run")
+
+
+def initialize_from_flags() -> None:
+    """`initialize` with the values of the flags `define_flags` defined."""
+    from absl import flags
+
+    f = flags.FLAGS
+    initialize(multihost=f.multihost, coordinator_address=f.coordinator_address, num_processes=f.num_processes,
+               process_id=f.process_id)
+
+
 def _cpu_platform() -> bool:
     """Whether JAX may run on CPU, read from the config (JAX_PLATFORMS), without starting a backend: JAX_PLATFORMS
     starts with cpu, or is unset (then a machine without accelerators runs on CPU; gloo is harmless elsewhere)."""

@@ -38,12 +38,7 @@ flags.DEFINE_string("split", "test", "split to evaluate (MELD: train/dev/test; m
 flags.DEFINE_string("tokenizer", "", "tokenizer path (default: config, or tokenizer.model beside the checkpoint)")
 flags.DEFINE_string("labels", "", "label set name (default: by dataset)")
 flags.DEFINE_string("out", "", "output directory (default: <checkpoint>/eval)")
-flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (TPU pod slices, SLURM, ...): run the "
-                  "same command on every host")
-flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0, for an explicit multi-process run (with "
-                    "--num_processes and --process_id)")
-flags.DEFINE_integer("num_processes", 0, "number of processes of an explicit multi-process run")
-flags.DEFINE_integer("process_id", -1, "this process's index in [0, num_processes) of an explicit run")
+distributed.define_flags()
 FLAGS = flags.FLAGS
 
 
@@ -86,8 +81,7 @@ def evaluate_one(config, ckpt: Path, out_dir: Path, title: str) -> dict:
 
 def main(argv):
     del argv
-    distributed.initialize(multihost=FLAGS.multihost, coordinator_address=FLAGS.coordinator_address,
-                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    distributed.initialize_from_flags()
     config = _CONFIG.value.copy_and_resolve_references()
     config.data.dataset = FLAGS.dataset
     config.data.data_dir = FLAGS.data_dir

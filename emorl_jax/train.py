@@ -8,6 +8,7 @@ with the same workdir resumes exactly where it stopped (same next batch, same PR
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -36,12 +37,7 @@ from emorl_jax.sharding import (check_sharding, make_mesh, param_shardings, per_
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py run config", lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, evaluations", required=True)
-flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (TPU pod slices, SLURM, ...): run the "
-                  "same command on every host")
-flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0, for an explicit multi-process run (with "
-                    "--num_processes and --process_id)")
-flags.DEFINE_integer("num_processes", 0, "number of processes of an explicit multi-process run")
-flags.DEFINE_integer("process_id", -1, "this process's index in [0, num_processes) of an explicit run")
+distributed.define_flags()
 FLAGS = flags.FLAGS
 
 
@@ -132,10 +128,11 @@ class Trainer:
                   "compile_seconds": {name: round(sum(p.compile_seconds), 2) for name, p in programs.items()}}
         if jax.process_index() == 0:
             (self.workdir / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
-            gib = lambda b: f"{b / 2**30:.2f}"
-            peak = max((m["argument"] + m["output"] - m["alias"] + m["temp"] for m in steps.values()), default=0)
-            print(f"memory per device (GiB): {', '.join(f'{k} {gib(v)}' for k, v in per_device.items())}; "
-                  f"replicated {gib(replicated)}; largest step {gib(peak)} ({self.workdir / 'memory.json'})")
+            size = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+            peak = max((sum(m.get(k, 0) for k in ("argument", "output", "temp")) - m.get("alias", 0)
+                        for m in steps.values()), default=0)
+            print(f"memory per device: {', '.join(f'{k} {size(v)}' for k, v in per_device.items())}; "
+                  f"replicated {size(replicated)}; largest step {size(peak)} ({self.workdir / 'memory.json'})")
 
     def _checkpoint(self, stage: str, state: TrainState, iterator, force: bool = False) -> None:
         step = self._global_step(stage, int(state.step))
@@ -280,10 +277,11 @@ class Trainer:
 
 def run(config, workdir: str | Path) -> dict:
     """SFT (optional) -> eval -> GRPO -> eval; returns {"sft": metrics, "grpo": metrics}. The jitted programs are
-    traced with the run's mesh in context, so the models' activation sharding constraints apply."""
+    traced with the run's mesh in context, so the models' activation sharding constraints apply (unless
+    `mesh.activation_constraints` is False)."""
     trainer = Trainer(config, workdir)
     results = {}
-    with jax.set_mesh(trainer.mesh):
+    with jax.set_mesh(trainer.mesh) if config.mesh.activation_constraints else contextlib.nullcontext():
         trainer.sft()
         results["after SFT" if config.sft.steps or config.sft.from_run else "before GRPO"] = (
             trainer.evaluate("before_grpo"))
@@ -301,8 +299,7 @@ def run(config, workdir: str | Path) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    distributed.initialize(multihost=FLAGS.multihost, coordinator_address=FLAGS.coordinator_address,
-                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    distributed.initialize_from_flags()
     try:
         run(_CONFIG.value, FLAGS.workdir)
     except Preempted as e:

@@ -29,7 +29,10 @@ def parse_args():
 START = time.perf_counter()
 ARGS = parse_args()
 NUM_PROCESSES = 2 if ARGS.port else 1
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // NUM_PROCESSES}"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_devices import xla_flags  # noqa: E402
+
+os.environ["XLA_FLAGS"] = xla_flags(8 // NUM_PROCESSES)
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from cpu_devices import xla_flags
 
 from emorl_jax.data.corpora import synthetic
 
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--config.prompt_mode=ir", "--config.sft.steps=12", "--config.sft.learning_rate=1e-2",
         "--config.sft.batch_size=8", "--config.rl.steps=3", "--config.rl.batch_size=8", "--config.rl.group_size=2",
         "--config.rl.max_new_tokens=8", "--config.rl.temperature=1.0", "--config.train.eval_batch_size=8",
+        "--config.mesh.activation_constraints=false",
         "--config.train.checkpoint_every=50", "--config.data.synthetic_per_class=10",
         "--config.data.synthetic_speakers=10", "--config.data.eval_split=dev", "--config.tokenizer.vocab_size=400",
         "--config.mesh.shape=(1,-1,1)"]
@@ -46,7 +48,7 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict[str, str]:
     # JAX_COMPILATION_CACHE_DIR (and its thresholds) come from conftest through os.environ.
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu"}
 
 
 def _train_command(workdir: Path, data_dir: Path, *extra: str) -> list[str]:

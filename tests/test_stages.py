@@ -114,21 +114,22 @@ def test_score_and_advantages(setup):
 
 
 def test_logprobs_skip_the_old_policy_at_mu_1_and_update(setup):
-    _, mesh, _, params, frozen, batch = setup
-    with jax.set_mesh(mesh):
-        for iterations in (1, 2):
-            stages, state = _stages(setup, iterations=iterations)
-            policy = (state.params, frozen)
-            rollouts = stages.rollout(policy, batch, 0)
-            advantages, weights = stages.advantages(np.arange(B * G, dtype=np.float32) % 3, rollouts.truncated)
-            train_batch = stages.train_batch(batch, rollouts, advantages, weights)
-            logps = stages.logprobs((params, frozen), policy, train_batch)
-            assert sorted(logps) == (["ref_logps"] if iterations == 1 else ["old_logps", "ref_logps"])
-            assert logps["ref_logps"].sharding.spec[0] == ("data", "fsdp")
-            # the policy has not moved yet: its log-probs are the reference's and the sampler's
-            np.testing.assert_allclose(np.asarray(logps["ref_logps"]), rollouts.logps, atol=2e-5)
-            train_batch.update(logps)
-            before = np.asarray(jax.tree.leaves(state.params)[-1])
-            state, metrics = stages.update(state, frozen, train_batch)
-            assert int(state.step) == iterations and np.isfinite(metrics["loss"])
-            assert not np.array_equal(before, np.asarray(jax.tree.leaves(state.params)[-1]))
+    """Without activation constraints (no jax.set_mesh): XLA:CPU can deadlock running a constrained update on a
+    fake multi-device mesh (README, Tests)."""
+    _, _, _, params, frozen, batch = setup
+    for iterations in (1, 2):
+        stages, state = _stages(setup, iterations=iterations)
+        policy = (state.params, frozen)
+        rollouts = stages.rollout(policy, batch, 0)
+        advantages, weights = stages.advantages(np.arange(B * G, dtype=np.float32) % 3, rollouts.truncated)
+        train_batch = stages.train_batch(batch, rollouts, advantages, weights)
+        logps = stages.logprobs((params, frozen), policy, train_batch)
+        assert sorted(logps) == (["ref_logps"] if iterations == 1 else ["old_logps", "ref_logps"])
+        assert logps["ref_logps"].sharding.spec[0] == ("data", "fsdp")
+        # the policy has not moved yet: its log-probs are the reference's and the sampler's
+        np.testing.assert_allclose(np.asarray(logps["ref_logps"]), rollouts.logps, atol=2e-5)
+        train_batch.update(logps)
+        before = np.asarray(jax.tree.leaves(state.params)[-1])
+        state, metrics = stages.update(state, frozen, train_batch)
+        assert int(state.step) == iterations and np.isfinite(metrics["loss"])
+        assert not np.array_equal(before, np.asarray(jax.tree.leaves(state.params)[-1]))

@@ -14,10 +14,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from cpu_devices import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--config.sft.steps=4", "--config.rl.steps=4", "--config.sft.batch_size=4", "--config.rl.batch_size=2",
         "--config.rl.group_size=2", "--config.rl.max_new_tokens=12", "--config.train.eval_batch_size=8",
+        "--config.mesh.activation_constraints=false",
         "--config.train.checkpoint_every=1", "--config.data.synthetic_per_class=10",
         "--config.data.synthetic_speakers=10", "--config.data.eval_split=dev", "--config.tokenizer.vocab_size=400"]
 
@@ -40,7 +42,7 @@ def _final_params(workdir: Path):
 def test_sigterm_and_resume_reach_the_uninterrupted_params(tmp_path):
     # conftest's compilation cache: only the first of the three runs compiles. A 2-device mesh (fsdp=2) keeps
     # params, optimizer state and checkpoints sharded at a third less compile time than 8 devices.
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2)}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     out = subprocess.run(_command(straight), env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
