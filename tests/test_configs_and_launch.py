@@ -315,7 +315,10 @@ def test_flags_the_scripts_pass_are_defined_by_the_clis(path, command):
     module = ROOT / "emorl_jax" / f"{command}.py"
     if not module.exists():
         pytest.skip(f"{module.name} not written yet")
-    defined = set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', module.read_text()))
+    source = module.read_text()
+    if "distributed.define_flags()" in source:  # the multi-process flags train and eval share
+        source += (ROOT / "emorl_jax" / "distributed.py").read_text()
+    defined = set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', source))
     for env in ({"FOLD": "1"}, {}, {"EVAL_DATASET": "ravdess"}):
         (line,) = dry_run(path, command, DATA_DIR="/d", **env)
         words = shlex.split(remote_command(line)) if path == TPU_SH else line
