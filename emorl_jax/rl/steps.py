@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emorl_jax.rl.grpo import grpo_loss
 from emorl_jax.rl.policy import completion_logps, sft_loss
-from emorl_jax.sharding import param_shardings
+from emorl_jax.sharding import _path_names, param_shardings
 
 PROMPT_KEYS = ("prompt_ids", "prompt_mask", "input_features", "feature_mask")
 
@@ -91,19 +91,15 @@ def compute_dtype_copy(graphdef, params, frozen):
 
     model = nnx.merge(graphdef, params, frozen)
     dtype = model.cfg.compute_dtype
-    keep = [tuple(path) for path, m in nnx.iter_graph(model) if isinstance(m, LayerNorm)]
+    keep = [tuple(map(str, path)) for path, m in nnx.iter_graph(model) if isinstance(m, LayerNorm)]
     keep_leaf = lambda names: any(names[:len(k)] == k for k in keep)
-    cast = lambda path, x: (x if keep_leaf(tuple(_names(path))) or not jnp.issubdtype(x.dtype, jnp.floating)
+    cast = lambda path, x: (x if keep_leaf(tuple(_path_names(path))) or not jnp.issubdtype(x.dtype, jnp.floating)
                             else x.astype(dtype))
 
     def cast_to_compute_dtype(p):
         return jax.tree_util.tree_map_with_path(cast, p)
 
     return jax.jit(cast_to_compute_dtype)(params)
-
-
-def _names(path) -> list:
-    return [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
 
 
 def split_micro_batches(batch: dict, num_micro: int) -> dict:
