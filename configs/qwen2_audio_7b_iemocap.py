@@ -7,9 +7,10 @@ Run one fold per job, fold k tests on Session k; report each fold and the mean o
     --config.data.fold=1 --config.data.data_dir=/data/IEMOCAP_full_release \
     --config.init.checkpoint=/ckpt/qwen2_audio_7b --config.tokenizer.path=/models/Qwen2-Audio-7B-Instruct
 
-Start from a local Qwen2-Audio-7B-Instruct snapshot: `--config.init.hf_dir=DIR` reads its safetensors, or
-convert it once (`python -m emorl_jax.convert`) and pass `--config.init.checkpoint=DIR`. Nothing is downloaded.
-`tokenizer.path` must name the snapshot too (its tokenizer.json). launch/ has TPU and GPU scripts.
+Start from Qwen2-Audio-7B-Instruct: `--config.init.hf_dir=Qwen/Qwen2-Audio-7B-Instruct` (a Hub id, fetched once
+into the HF cache, or a local snapshot directory) reads its safetensors, or convert it once (`python -m
+emorl_jax.convert`) and pass `--config.init.checkpoint=DIR`. `tokenizer.path` names the same id or snapshot (its
+tokenizer.json). launch/ has TPU and GPU scripts.
 
 The shared GRPO settings (paper values marked) are in `emorl_jax.config.qwen2_audio_7b_run_config`.
 """

@@ -23,11 +23,13 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from emorl_jax.config import DTYPES, AudioEncoderConfig, AudioLMConfig, TextConfig, from_hf_config, to_hf_config
+from emorl_jax.errors import UserError
 from emorl_jax.models.audio_lm import AudioLM
+from emorl_jax.paths import as_path
 from emorl_jax.sharding import _path_names, param_shardings
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read into the configured model; the message names the tensor/file."""
 
 
@@ -130,10 +132,13 @@ def from_hf(hf_dir: str | os.PathLike, *, dtype: str = "bfloat16", param_dtype: 
             mesh: jax.sharding.Mesh | None = None) -> AudioLM:
     """Reads a HF Qwen2-Audio directory (config.json + safetensors) into an AudioLM, tensor by tensor.
 
+    `hf_dir`: a local directory or a Hub id `org/name[@revision]` (see `emorl_jax.hub.resolve`).
     Peak host memory is about one stacked param plus one tensor. With a mesh, each param is placed with its
     `sharding.param_shardings` sharding as soon as it is read.
     """
-    hf_dir = Path(hf_dir)
+    from emorl_jax import hub
+
+    hf_dir = Path(hub.resolve(hf_dir, what="checkpoint"))
     config_file = hf_dir / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{hf_dir}: no config.json")
@@ -224,22 +229,29 @@ def config_from_json(text: str) -> AudioLMConfig:
 
 
 def save(model: AudioLM, directory: str | os.PathLike) -> None:
-    """Saves params (orbax) and the model config (model_config.json) under `directory`."""
+    """Saves params (orbax) and the model config (model_config.json) under `directory` (local or `gs://...`)."""
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
+    directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "model_config.json").write_text(config_to_json(model.cfg))
+    if jax.process_index() == 0:  # one writer (a bucket object takes about one update per second)
+        (directory / "model_config.json").write_text(config_to_json(model.cfg))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "params", nnx.state(model))
 
 
 def restore(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None
             ) -> AudioLM:
-    """Restores a `save`d model, each param placed with its sharding on `mesh` (or on the default device)."""
+    """Restores a `save`d model (local or `gs://...`), each param placed with its sharding on `mesh` (or on the
+    default device). Raises CheckpointError naming `directory` when it has no model_config.json or params, or when
+    the stored params do not fit model_config.json."""
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
+    directory = as_path(directory)
+    if not (directory / "model_config.json").exists():
+        raise CheckpointError(f"{directory}: no model_config.json (not a directory written by checkpoint.save)")
+    if not (directory / "params").exists():
+        raise CheckpointError(f"{directory}: no params (the orbax arrays beside model_config.json)")
     cfg = config_from_json((directory / "model_config.json").read_text())
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
@@ -248,8 +260,56 @@ def restore(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = No
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
                                 param_shardings(abstract, mesh))
     with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore(directory / "params", abstract)
+        _check_stored_shapes(directory, ckptr.metadata(directory / "params").item_metadata, abstract)
+        try:
+            state = ckptr.restore(directory / "params", abstract)
+        except (ValueError, KeyError, FileNotFoundError) as e:  # what the shape check above did not foresee
+            problem = " ".join(str(e).split())
+            raise CheckpointError(f"{directory}: orbax cannot restore params into model_config.json's model "
+                                  f"({problem[:500]})") from e
     return nnx.merge(graphdef, state)
+
+
+def model_config(directory: str | os.PathLike) -> AudioLMConfig:
+    """The config of an orbax model (model_config.json), a HF directory (config.json) or a Hub id, without reading
+    any weight. Raises CheckpointError when `directory` is neither."""
+    from emorl_jax import hub
+
+    directory = as_path(hub.resolve(directory, what="checkpoint"))
+    if (directory / "model_config.json").exists():
+        return config_from_json((directory / "model_config.json").read_text())
+    if (directory / "config.json").exists():
+        return from_hf_config(json.loads((directory / "config.json").read_text()))
+    hint = " (a run directory: use its final/)" if (directory / "final" / "model_config.json").exists() else ""
+    raise CheckpointError(f"{directory}: neither an orbax model (model_config.json) nor a HF directory "
+                          f"(config.json){hint}")
+
+
+def load(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtype: str = "bfloat16"
+         ) -> AudioLM:
+    """Any model we read: an orbax model (`save`, local or gs://), a HF Qwen2-Audio directory, or a Hub id."""
+    from emorl_jax import hub
+
+    directory = hub.resolve(directory, what="checkpoint")
+    model_config(directory)  # neither kind: the error says so
+    if (as_path(directory) / "model_config.json").exists():
+        return restore(directory, mesh=mesh, dtype=dtype)
+    return from_hf(directory, dtype=dtype, mesh=mesh)
+
+
+def _check_stored_shapes(directory, stored, abstract) -> None:
+    """Raises CheckpointError when the params stored under `directory` differ from `abstract` in names or shapes."""
+    have = {".".join(p): tuple(x.shape) for p, x in _param_paths(stored) if hasattr(x, "shape")}
+    want = {".".join(p): tuple(x.shape) for p, x in _param_paths(abstract)}
+    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    if missing or extra:
+        raise CheckpointError(f"{directory}: params do not match model_config.json: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}")
+    wrong = [f"{name} {list(have[name])} (expected {list(shape)})" for name, shape in want.items()
+             if have[name] != shape]
+    if wrong:
+        raise CheckpointError(f"{directory}: {len(wrong)} param(s) have shapes that do not match "
+                              f"model_config.json: {', '.join(wrong[:3])}")
 
 
 def save_each_shard_once() -> None:
@@ -264,7 +324,8 @@ def save_each_shard_once() -> None:
 
 
 class TrainCheckpointer:
-    """Resumable training checkpoints under `<workdir>/checkpoints` (orbax CheckpointManager, async saves).
+    """Resumable training checkpoints under `<workdir>/checkpoints` (orbax CheckpointManager, async saves); the
+    workdir may be local or remote (`gs://...`).
 
     Each step holds the train state pytree (params, optimizer state, step; restored onto the shardings of the
     `like` tree) and a JSON dict (stage, data-iterator state, anything else the loop needs to resume exactly).
@@ -276,7 +337,7 @@ class TrainCheckpointer:
         save_each_shard_once()
         self._ocp = ocp
         self.manager = ocp.CheckpointManager(
-            Path(workdir).absolute() / "checkpoints",
+            as_path(workdir) / "checkpoints",
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
             item_names=("state", "meta"))
 

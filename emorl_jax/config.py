@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+
+from emorl_jax.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -182,7 +186,7 @@ def base_run_config():
         "activation_constraints": True,
     })
     c.init = ml_collections.ConfigDict({
-        "hf_dir": "",        # HF Qwen2-Audio snapshot to start from (config.json + safetensors)
+        "hf_dir": "",        # HF Qwen2-Audio dir or Hub id org/name[@revision] to start from (safetensors)
         "checkpoint": "",    # or an orbax checkpoint written by `python -m emorl_jax.convert`
         "seed": 0,           # random init when both are empty (tiny models)
     })
@@ -253,12 +257,34 @@ def base_run_config():
     return c
 
 
-def load_run_config(path, *overrides: str):
-    """A configs/*.py run config exactly as `--config=path --config.key=value ...` gives it on a CLI (for notebooks
-    and scripts). Overrides are "key=value" or "--config.key=value" strings, parsed by ml_collections."""
+def bundled_configs_dir() -> Path:
+    """The run configs shipped with the package: `emorl_jax/configs/` in an installed wheel, else the checkout's
+    top-level `configs/` (an editable install or a checkout on sys.path)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+def config_path(path_or_name: str | os.PathLike) -> Path:
+    """A config file: an existing path as given, or a bundled config by name ("tiny_synthetic")."""
+    path = Path(path_or_name)
+    if path.exists() or path.suffix == ".py" or len(path.parts) > 1:
+        return path
+    bundled = bundled_configs_dir() / f"{path}.py"
+    if not bundled.is_file():
+        names = sorted(p.stem for p in bundled_configs_dir().glob("*.py") if not p.name.startswith("_"))
+        raise ConfigError(f"{path_or_name}: no such config file, nor a bundled config ({', '.join(names)})")
+    return bundled
+
+
+def load_run_config(path_or_name: str | os.PathLike, *overrides: str):
+    """A run config exactly as `--config=path --config.key=value ...` gives it on a CLI (for notebooks and
+    scripts). `path_or_name`: a configs/*.py path or a bundled config's name ("tiny_synthetic"; `config_path`).
+    Overrides are "key=value" or "--config.key=value" strings, parsed by ml_collections."""
     from absl import flags
     from ml_collections import config_flags
 
+    path = config_path(path_or_name)
     argv = ["prog", f"--config={path}", *(o if o.startswith("--config.") else f"--config.{o}" for o in overrides)]
     values = flags.FlagValues()  # config_flags reads the overrides from sys_argv, as it reads sys.argv on a CLI
     config_flags.DEFINE_config_file("config", default=None, flag_values=values, lock_config=True, sys_argv=argv)
@@ -284,9 +310,9 @@ def qwen2_audio_7b_run_config():
     # device count: fine for 4 TPU chips or 8 GPUs; on a v5p-32 or larger raise them, or shard some of the
     # model with tensor parallelism instead, e.g. --config.mesh.shape="(1,-1,4)".
     c.mesh.shape = (1, -1, 1)
-    c.init.hf_dir = ""       # set on the command line: a local Qwen2-Audio-7B-Instruct snapshot
+    c.init.hf_dir = ""       # set on the command line: Qwen/Qwen2-Audio-7B-Instruct (Hub id) or a local snapshot
     c.init.checkpoint = ""   # or its orbax conversion (python -m emorl_jax.convert), faster to restore sharded
-    c.tokenizer.path = ""    # set on the command line: the snapshot directory (tokenizer.json)
+    c.tokenizer.path = ""    # set on the command line: the same Hub id or snapshot directory (tokenizer.json)
 
     # One prompt-length bucket (ours): every GRPO/eval batch is left-padded to 1024 tokens, so the sampler, the
     # log-prob pass and the update each compile once (a 7B compile costs minutes per shape). The longest prompt

@@ -1,7 +1,11 @@
 """`python -m emorl_jax.convert`: HF Qwen2-Audio safetensors -> orbax params, or orbax -> HF safetensors.
 
-  python -m emorl_jax.convert --hf_dir=Qwen2-Audio-7B-Instruct --out=ckpt/qwen2_audio_7b [--param_dtype=bfloat16]
+  python -m emorl_jax.convert --hf_dir=Qwen/Qwen2-Audio-7B-Instruct --out=ckpt/qwen2_audio_7b [--param_dtype=bfloat16]
+  python -m emorl_jax.convert --hf_dir=/models/Qwen2-Audio-7B-Instruct --out=ckpt/qwen2_audio_7b  # a local snapshot
   python -m emorl_jax.convert --orbax_dir=ckpt/qwen2_audio_7b --out=hf_export   # back to safetensors
+
+--hf_dir is a local directory or a Hugging Face Hub id `org/name[@revision]`, fetched into the HF cache
+(safetensors, json and tokenizer files only; HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE=1 are honoured).
 """
 
 from __future__ import annotations
@@ -10,10 +14,11 @@ import time
 
 from absl import app, flags
 
-from emorl_jax import checkpoint
+from emorl_jax import checkpoint, cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("hf_dir", None, "Hugging Face directory: config.json + *.safetensors (+ index)")
+flags.DEFINE_string("hf_dir", None, "Hugging Face directory (config.json + *.safetensors (+ index)) or Hub id "
+                    "org/name[@revision], e.g. Qwen/Qwen2-Audio-7B-Instruct")
 flags.DEFINE_string("orbax_dir", None, "orbax checkpoint written by this tool (exports it to safetensors)")
 flags.DEFINE_string("out", None, "output directory", required=True)
 flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "dtype the params are stored in")
@@ -35,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

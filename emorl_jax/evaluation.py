@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from emorl_jax import distributed
 from emorl_jax.metrics import compute_metrics, format_table, plot_confusion
@@ -58,27 +59,33 @@ class GreedyEvaluator:
                 self._keys = jax.jit(make, out_shardings=replicated(self.mesh))()
         return self._keys
 
-    def predict(self, states: tuple, batches: Iterable[dict]) -> list[dict]:
-        """One record per utterance: utt_id, gold, pred (None if unparseable), well_formed, completion."""
+    def predict(self, states: tuple, batches: Iterable[dict], *, progress: str = "", total: int | None = None
+                ) -> list[dict]:
+        """One record per utterance: utt_id, gold, pred (None if unparseable), well_formed, completion.
+        `progress`: a tqdm bar with this title over the `total` utterances (process 0 only); "" = none."""
         out = []
         keys = self._rollout_keys()
-        for batch in batches:
-            n = len(batch["prompt_ids"])
-            arrays = _pad_rows({k: batch[k] for k in PROMPT_KEYS}, self._rows)
-            if self.mesh is not None:
-                arrays = distributed.global_batch(arrays, self.mesh)
-            roll = self.sample(states, *(arrays[k] for k in PROMPT_KEYS), keys)
-            tokens, mask, truncated = distributed.to_host((roll.tokens, roll.mask, roll.truncated))
-            for i in range(n):
-                text = self.tokenizer.decode(tokens[i][mask[i].astype(bool)], skip_special_tokens=True)
-                parsed = parse_completion(text, self.labels, mode=self.mode)
-                out.append({"utt_id": str(batch["utt_id"][i]), "gold": self.labels[int(batch["label"][i])],
-                            "pred": parsed.answer, "well_formed": bool(parsed.well_formed), "completion": text,
-                            "truncated": bool(truncated[i])})
+        with tqdm(total=total, desc=progress, unit="clip", disable=not progress or jax.process_index() != 0) as bar:
+            for batch in batches:
+                n = len(batch["prompt_ids"])
+                arrays = _pad_rows({k: batch[k] for k in PROMPT_KEYS}, self._rows)
+                if self.mesh is not None:
+                    arrays = distributed.global_batch(arrays, self.mesh)
+                roll = self.sample(states, *(arrays[k] for k in PROMPT_KEYS), keys)
+                tokens, mask, truncated = distributed.to_host((roll.tokens, roll.mask, roll.truncated))
+                for i in range(n):
+                    text = self.tokenizer.decode(tokens[i][mask[i].astype(bool)], skip_special_tokens=True)
+                    parsed = parse_completion(text, self.labels, mode=self.mode)
+                    out.append({"utt_id": str(batch["utt_id"][i]), "gold": self.labels[int(batch["label"][i])],
+                                "pred": parsed.answer, "well_formed": bool(parsed.well_formed), "completion": text,
+                                "truncated": bool(truncated[i])})
+                bar.update(n)
         return out
 
-    def evaluate(self, states: tuple, batches: Iterable[dict]) -> tuple[list[dict], dict]:
-        predictions = self.predict(states, batches)
+    def evaluate(self, states: tuple, batches: Iterable[dict], *, progress: str = "", total: int | None = None
+                 ) -> tuple[list[dict], dict]:
+        """(predictions, metrics): `predict`, then WA/UA/F1/per-class recall/confusion and the format rate."""
+        predictions = self.predict(states, batches, progress=progress, total=total)
         metrics = compute_metrics([p["gold"] for p in predictions], [p["pred"] for p in predictions], self.labels)
         metrics["format_rate"] = float(np.mean([p["well_formed"] for p in predictions])) if predictions else 0.0
         return predictions, metrics
@@ -86,12 +93,12 @@ class GreedyEvaluator:
 
 def write_outputs(out_dir: str | Path, predictions: list[dict], metrics: dict, labels: Sequence[str],
                   title: str = "") -> None:
-    """predictions.jsonl, metrics.json and confusion.png under `out_dir`."""
-    out_dir = Path(out_dir)
+    """predictions.jsonl, metrics.json and confusion.png under `out_dir` (local or `gs://...`)."""
+    from emorl_jax.paths import as_path
+
+    out_dir = as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "predictions.jsonl").open("w") as f:
-        for p in predictions:
-            f.write(json.dumps(p) + "\n")
+    (out_dir / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_confusion(metrics["confusion"], list(labels), out_dir / "confusion.png", title=title or None)
 

@@ -11,6 +11,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from etils import epath
+
+from emorl_jax.paths import as_path
 
 INVALID = "invalid"
 
@@ -64,7 +67,7 @@ def compute_metrics(golds: Sequence[str], preds: Sequence[str | None], labels: S
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path, *,
-                   title: str | None = None) -> Path:
+                   title: str | None = None) -> epath.Path:
     """Write the confusion matrix (counts; colour = row-normalised) as a PNG at `path`.
 
     `confusion` is len(labels) rows of len(labels) columns, or len(labels) + 1 with the "invalid" column last.
@@ -95,9 +98,10 @@ def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str], pa
         ax.set_title(title)
     for (r, c), value in np.ndenumerate(counts):
         ax.text(c, r, str(value), ha="center", va="center", color="white" if fractions[r, c] > 0.5 else "black")
-    path = Path(path)
+    path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100)
+    with path.open("wb") as f:  # a file object: `path` may be remote (gs://...)
+        fig.savefig(f, format="png", dpi=100)
     return path
 
 

@@ -12,18 +12,22 @@ count). The price is that every host decodes and featurizes every clip, not 1/nu
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from pathlib import Path
 
 import jax
 from flax import nnx
 
-from emorl_jax import checkpoint
-from emorl_jax.config import from_config_dict
+from emorl_jax import checkpoint, hub
+from emorl_jax.config import AudioLMConfig, from_config_dict
 from emorl_jax.data import emotions, pipeline
 from emorl_jax.data.corpora import load_corpus, synthetic
 from emorl_jax.data.corpora.base import Utterance
 from emorl_jax.data.manifest import read_manifest
+from emorl_jax.errors import ConfigError, TokenizerError
 from emorl_jax.models.audio_lm import AudioLM
+from emorl_jax.paths import as_path, cache_dir, is_remote, local_copy, upload
 from emorl_jax.text.prompts import build_prompt, format_target, instruction
 from emorl_jax.text.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
@@ -58,7 +62,7 @@ class RunData:
                        state: str | None = None):
         """An endless shuffled iterator; `state` (from `get_state_json()`) resumes it exactly."""
         if not self.train:
-            raise ValueError("this run has no training utterances")
+            raise ConfigError("data.train_split: this run has no training utterances")
         return pipeline.ResumableIterator(
             self._dataset(self.train, tokenizer, batch_size, train=True, seed=seed, with_targets=with_targets),
             state)
@@ -81,13 +85,13 @@ def sft_target(label: str, mode: str, description: dict[str, str] | None) -> str
     return format_target(label, mode, content=content, acoustics=acoustics, summary=summary)
 
 
-def _records(config, workdir: Path) -> tuple[tuple[str, ...], list[Utterance], list[Utterance], dict]:
+def _records(config, workdir: str | os.PathLike) -> tuple[tuple[str, ...], list[Utterance], list[Utterance], dict]:
     d = config.data
     name = d.dataset
     labels = emotions.label_set(d.labels)
     descriptions: dict = {}
     if name == "synthetic":
-        root = Path(d.data_dir or workdir / "data")
+        root = _synthetic_root(d, workdir)
         _make_once(lambda: (root / "manifest.jsonl").exists(),
                    lambda: synthetic.generate(root, n_per_class=d.synthetic_per_class, speakers=d.synthetic_speakers,
                                               seed=d.synthetic_seed), name=f"synthetic corpus {root}")
@@ -113,8 +117,22 @@ def _records(config, workdir: Path) -> tuple[tuple[str, ...], list[Utterance], l
         print(f"{name}: evaluating {len(held_out)} of {len(every)} utterances (labels {', '.join(labels)})")
     unknown = sorted({u.label for u in train + held_out} - set(labels))
     if unknown:
-        raise ValueError(f"data.labels={d.labels!r} has no label(s) {unknown} that {name} uses")
+        raise ConfigError(f"data.labels={d.labels!r} has no label(s) {unknown} that {name} uses")
     return labels, train, held_out, descriptions
+
+
+def _synthetic_root(d, workdir: str | os.PathLike) -> Path:
+    """`data.data_dir`, else `<workdir>/data`; under a remote workdir (wav files are written and read locally) a
+    local cache folder named by the generator's parameters, which determine the corpus (`paths.cache_dir()`; clear
+    it if the generator changes)."""
+    if d.data_dir:
+        if is_remote(d.data_dir):
+            raise ConfigError(f"data.data_dir={d.data_dir}: the synthetic corpus is written and read on local disk; "
+                             "give a local folder (or none)")
+        return Path(d.data_dir)
+    if not is_remote(workdir):
+        return Path(workdir) / "data"
+    return cache_dir() / "synthetic" / f"n{d.synthetic_per_class}_s{d.synthetic_speakers}_seed{d.synthetic_seed}"
 
 
 def _make_once(exists, make, *, name: str) -> None:
@@ -136,7 +154,7 @@ def _make_once(exists, make, *, name: str) -> None:
 
 
 def prepare_data(config, workdir: str | Path) -> RunData:
-    labels, train, held_out, descriptions = _records(config, Path(workdir))
+    labels, train, held_out, descriptions = _records(config, workdir)
     model = from_config_dict(config.model)
     return RunData(
         labels=labels, train=train, eval=held_out,
@@ -154,15 +172,27 @@ def prepare_tokenizer(config, workdir: str | Path, data: RunData) -> Tokenizer:
     if config.tokenizer.path:
         return load_tokenizer(config.tokenizer.path)
     if config.sft.from_run:
-        return load_tokenizer(Path(config.sft.from_run) / "tokenizer.model")
+        return load_tokenizer(local_copy(as_path(config.sft.from_run) / "tokenizer.model"))
     if config.init.hf_dir or config.init.checkpoint:
-        raise ValueError("a pretrained model needs its own tokenizer: set tokenizer.path (e.g. the HF snapshot)")
-    path = Path(workdir) / "tokenizer.model"
+        raise ConfigError("tokenizer.path: a pretrained model needs its own tokenizer; set it (e.g. the HF snapshot "
+                          "or Hub id)")
+    path = as_path(workdir) / "tokenizer.model"  # remote: trained to a local file and copied (SentencePiece is local)
     texts = [build_prompt(instruction(data.mode, data.labels), num_audio_tokens=[1]), *data.targets.values(),
              *data.labels]
-    _make_once(path.exists, lambda: train_sentencepiece(texts, path, vocab_size=config.tokenizer.vocab_size),
+    _make_once(path.exists, lambda: _train_tokenizer(texts, path, config.tokenizer.vocab_size),
                name=f"tokenizer {path}")
-    return load_tokenizer(path)
+    return load_tokenizer(local_copy(path))
+
+
+def _train_tokenizer(texts: list[str], path, vocab_size: int) -> None:
+    """Trains the run's SentencePiece model into `path`, through a local temporary file when `path` is remote."""
+    if not is_remote(path):
+        train_sentencepiece(texts, path, vocab_size=vocab_size)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / path.name
+        train_sentencepiece(texts, local, vocab_size=vocab_size)
+        upload(local, path)
 
 
 def build_model(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh) -> AudioLM:
@@ -176,16 +206,40 @@ def build_model(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh) -> AudioL
     else:
         cfg = from_config_dict(config.model)
         if cfg.text.hidden_size >= 1024:
-            raise ValueError("refusing to start a large model from random weights: set init.hf_dir (a local HF "
-                             "snapshot) or init.checkpoint (orbax, from `python -m emorl_jax.convert`)")
+            raise ConfigError("init: refusing to start a large model from random weights; set init.hf_dir (a HF "
+                              "snapshot or Hub id, e.g. Qwen/Qwen2-Audio-7B-Instruct) or init.checkpoint (orbax, from "
+                              "`python -m emorl_jax.convert`)")
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=tokenizer.vocab_size),
                           audio_token_index=tokenizer.audio_token_id)
         model = AudioLM(cfg, rngs=nnx.Rngs(init.seed))
-    if model.cfg.audio_token_index != tokenizer.audio_token_id:
-        raise ValueError(f"the tokenizer's <|AUDIO|> id {tokenizer.audio_token_id} differs from the model's "
-                         f"audio_token_index {model.cfg.audio_token_index}")
-    if model.cfg.text.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model.cfg.text.vocab_size} embeddings")
+    check_tokenizer_fits(model.cfg, tokenizer)
     return model
+
+
+def checkpoint_tokenizer(ckpt: str | os.PathLike, explicit: str = "") -> Tokenizer:
+    """`explicit` (a path or Hub id) if given, else the checkpoint's own tokenizer: tokenizer.model, tokenizer.json
+    or vocab.json + merges.txt in it (a HF directory or Hub snapshot), or tokenizer.model beside it."""
+    if explicit:
+        return load_tokenizer(explicit)
+    ckpt = as_path(hub.resolve(ckpt, what="checkpoint"))
+    for candidate in (ckpt / "tokenizer.model", ckpt / "tokenizer.json", ckpt / "vocab.json",
+                      ckpt.parent / "tokenizer.model"):
+        if candidate.exists():
+            if candidate.name == "vocab.json":
+                return load_tokenizer(ckpt)  # vocab.json + merges.txt
+            return load_tokenizer(local_copy(candidate))  # a gs:// checkpoint's file copied here first
+    raise TokenizerError(f"{ckpt}: no tokenizer in or beside the checkpoint (tokenizer.model, tokenizer.json): "
+                         "pass --tokenizer or set tokenizer.path")
+
+
+def check_tokenizer_fits(cfg: AudioLMConfig, tokenizer: Tokenizer) -> None:
+    """Raises TokenizerError unless the tokenizer's ids fit the model: every id has an embedding and <|AUDIO|> is
+    the model's audio token (a mismatched pair decodes nothing but garbage, so fail before decoding)."""
+    where = getattr(tokenizer, "path", "tokenizer")
+    if tokenizer.vocab_size > cfg.text.vocab_size:
+        raise TokenizerError(f"{where}: {tokenizer.vocab_size} tokens, but the model has only {cfg.text.vocab_size} "
+                             "embeddings (not this model's tokenizer?)")
+    if cfg.audio_token_index != tokenizer.audio_token_id:
+        raise TokenizerError(f"{where}: <|AUDIO|> is id {tokenizer.audio_token_id}, but the model's "
+                             f"audio_token_index is {cfg.audio_token_index} (not this model's tokenizer?)")
 

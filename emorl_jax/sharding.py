@@ -25,6 +25,8 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from emorl_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 LogicalAxes = tuple[str | None, ...]
@@ -42,14 +44,14 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] |
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
     if len(shape) != 3 or shape.count(-1) > 1:
-        raise ValueError(f"mesh shape must be 3 sizes for {MESH_AXES} with at most one -1, got {shape}")
+        raise ConfigError(f"mesh shape must be 3 sizes for {MESH_AXES} with at most one -1, got {shape}")
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
         if len(devices) % known:
-            raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+            raise ConfigError(f"mesh shape {shape} does not divide {len(devices)} devices")
         shape[shape.index(-1)] = len(devices) // known
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
+        raise ConfigError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
     auto = (jax.sharding.AxisType.Auto,) * 3  # GSPMD propagation (pjit style), not sharding-in-types
     return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices, axis_types=auto)
 

@@ -3,7 +3,10 @@
 Stages: (optional) SFT warm-up on ESR-format targets, then GRPO with ESWR + format rewards; greedy evaluations
 on the held-out split after each stage, printed as a before/after table. Every `train.checkpoint_every` steps
 (and on SIGTERM) the train state, the data-iterator state and the stage are saved; rerunning the same command
-with the same workdir resumes exactly where it stopped (same next batch, same PRNG stream).
+with the same workdir resumes exactly where it stopped (same next batch, same PRNG stream). The workdir records
+its config (`config.json`): a rerun with a different config refuses to start unless `--resume_with_changes`.
+Bad input (a corpus, clip, checkpoint, config or tokenizer) prints `error: <what>: <problem>` and exits with
+status 2 (`--verbose` shows the traceback).
 """
 
 from __future__ import annotations
@@ -16,15 +19,17 @@ import time
 from pathlib import Path
 
 import jax
-from absl import app, flags, logging
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from emorl_jax import checkpoint, distributed
+from emorl_jax import checkpoint, cli, distributed, run_guard
 from emorl_jax.data import emotions
+from emorl_jax.errors import ConfigError
 from emorl_jax.evaluation import GreedyEvaluator, summary_table, write_outputs
 from emorl_jax.models.lora import add_lora, merge_lora, split_trainable, zero_lora
+from emorl_jax.paths import as_path
 from emorl_jax.programs import Program, step_memory
 from emorl_jax.rl.grpo import metric_means
 from emorl_jax.rl.stages import GRPOStages, build_grpo_programs, mean_reward_parts
@@ -37,6 +42,8 @@ from emorl_jax.sharding import (check_sharding, make_mesh, param_shardings, per_
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py run config", lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, evaluations", required=True)
+flags.DEFINE_bool("resume_with_changes", False, "resume a run whose recorded config.json differs from this config "
+                  "(the changed keys are printed and recorded); without it such a rerun refuses to start")
 distributed.define_flags()
 FLAGS = flags.FLAGS
 
@@ -53,8 +60,10 @@ class Trainer:
     decisions. `<workdir>/memory.json` records the per-device bytes of each state and each compiled step.
     """
 
-    def __init__(self, config, workdir: str | Path):
-        self.config, self.workdir = config, Path(workdir)
+    def __init__(self, config, workdir: str | Path, *, resume_with_changes: bool = False):
+        """resume_with_changes: accept a config that differs from the workdir's recorded one (`run_guard`)."""
+        run_guard.check_or_record(config, workdir, resume_with_changes=resume_with_changes)
+        self.config, self.workdir = config, as_path(workdir)  # local or remote (gs://...)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh = make_mesh(tuple(config.mesh.shape))
         self.data: RunData = prepare_data(config, self.workdir)
@@ -156,14 +165,14 @@ class Trainer:
         import orbax.checkpoint as ocp
 
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save((self.workdir / name).absolute(), tree)
+            ckptr.save(self.workdir / name, tree)
 
-    def _load_tree(self, path: Path, like):
+    def _load_tree(self, path, like):
         import orbax.checkpoint as ocp
 
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
         with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(path.absolute(), abstract)
+            return ckptr.restore(as_path(path), abstract)
 
     # ----------------------------------------------------------------------------------------- stages
     def sft(self) -> None:
@@ -171,9 +180,9 @@ class Trainer:
         With `sft.from_run`, that run's `grpo_start` is the start instead (no SFT here)."""
         c = self.config.sft
         if c.from_run:
-            start = Path(c.from_run) / "grpo_start"
+            start = as_path(c.from_run) / "grpo_start"
             if not start.exists():
-                raise FileNotFoundError(f"sft.from_run={c.from_run}: no grpo_start there (has its SFT finished?)")
+                raise ConfigError(f"sft.from_run={c.from_run}: no grpo_start there (has its SFT finished?)")
             self.params = self._load_tree(start, self.params)
             return
         if (self.workdir / "grpo_start").exists():
@@ -275,11 +284,11 @@ class Trainer:
                     grad_clip=o.grad_clip, mu_dtype=o.mu_dtype or None)
 
 
-def run(config, workdir: str | Path) -> dict:
+def run(config, workdir: str | Path, *, resume_with_changes: bool = False) -> dict:
     """SFT (optional) -> eval -> GRPO -> eval; returns {"sft": metrics, "grpo": metrics}. The jitted programs are
     traced with the run's mesh in context, so the models' activation sharding constraints apply (unless
     `mesh.activation_constraints` is False)."""
-    trainer = Trainer(config, workdir)
+    trainer = Trainer(config, workdir, resume_with_changes=resume_with_changes)
     results = {}
     with jax.set_mesh(trainer.mesh) if config.mesh.activation_constraints else contextlib.nullcontext():
         trainer.sft()
@@ -289,7 +298,7 @@ def run(config, workdir: str | Path) -> dict:
         results["after GRPO"] = trainer.evaluate("after_grpo")
     table = summary_table(results)
     if jax.process_index() == 0:
-        (Path(workdir) / "summary.txt").write_text(table + "\n")
+        (trainer.workdir / "summary.txt").write_text(table + "\n")
         print(table)
     trainer.log.close()
     trainer.ckpt.close()
@@ -298,14 +307,13 @@ def run(config, workdir: str | Path) -> dict:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     distributed.initialize_from_flags()
     try:
-        run(_CONFIG.value, FLAGS.workdir)
+        run(_CONFIG.value, FLAGS.workdir, resume_with_changes=FLAGS.resume_with_changes)
     except Preempted as e:
         print(e)
         sys.exit(0)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

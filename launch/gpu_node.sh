@@ -12,6 +12,7 @@ set -euo pipefail
 PYTHON="${PYTHON:-python3}"                       # >= 3.11, used to create the venv
 VENV_DIR="${VENV_DIR:-$HOME/emorl_venv}"
 JAX_PACKAGE="${JAX_PACKAGE:-jax[cuda12]}"         # CUDA 12 wheels (driver >= 525); jax[cuda13] for CUDA 13
+PIP_EXTRAS="${PIP_EXTRAS-gcs}"                    # emorl_jax extras; gcs (gcsfs) serves gs:// paths; "" = none
 # --- GPU memory and XLA ----------------------------------------------------------------------------------
 # JAX preallocates 75% of each GPU by default; a 7B GRPO step needs nearly all of it. 0.92 leaves room for
 # cuDNN/cuBLAS workspaces outside XLA's pool.
@@ -19,8 +20,8 @@ MEM_FRACTION="${MEM_FRACTION:-0.92}"
 # Overlap FSDP all-gathers / reduce-scatters with compute (JAX's GPU performance tips).
 GPU_XLA_FLAGS="${GPU_XLA_FLAGS:---xla_gpu_enable_latency_hiding_scheduler=true}"
 # --- model and data (local paths; nothing is downloaded) -----------------------------------------------
-HF_DIR="${HF_DIR:-$HOME/models/Qwen2-Audio-7B-Instruct}"  # a local snapshot: config.json, safetensors, tokenizer
-CKPT_DIR="${CKPT_DIR:-$HOME/ckpt/qwen2_audio_7b}"          # `convert` writes the orbax params here
+HF_DIR="${HF_DIR:-$HOME/models/Qwen2-Audio-7B-Instruct}"  # a local snapshot or the Hub id
+CKPT_DIR="${CKPT_DIR:-$HOME/ckpt/qwen2_audio_7b}"          # `convert` writes the orbax params here (or gs://...)
 CONVERT_PARAM_DTYPE="${CONVERT_PARAM_DTYPE:-float32}"      # matches the 7B configs' param_dtype
 # --- the run ----------------------------------------------------------------------------------------
 CONFIG="${CONFIG:-configs/qwen2_audio_7b_iemocap.py}"
@@ -28,7 +29,7 @@ DATA_DIR="${DATA_DIR:-}"                          # corpus root (train, eval)
 FOLD="${FOLD:-}"                                  # IEMOCAP fold 1-5; "" keeps the config's
 INIT_FROM="${INIT_FROM:-checkpoint}"              # checkpoint (CKPT_DIR, after `convert`) | hf (read HF_DIR)
 RUN_NAME="${RUN_NAME:-$(basename "$CONFIG" .py)${FOLD:+_fold$FOLD}}"
-WORKDIR="${WORKDIR:-runs/$RUN_NAME}"
+WORKDIR="${WORKDIR:-runs/$RUN_NAME}"              # or gs://bucket/runs/NAME
 EVAL_DATASET="${EVAL_DATASET:-}"                  # "" = the config's corpus (iemocap or meld)
 EVAL_DATA_DIR="${EVAL_DATA_DIR:-$DATA_DIR}"
 EVAL_SPLIT="${EVAL_SPLIT:-test}"                  # for corpora other than IEMOCAP
@@ -43,7 +44,7 @@ usage() {
 usage: launch/gpu_node.sh COMMAND [ARGS...]
 
 commands:
-  setup     create \$VENV_DIR with \$PYTHON, pip install -e . "\$JAX_PACKAGE"
+  setup     create \$VENV_DIR with \$PYTHON, pip install -e ".[\$PIP_EXTRAS]" "\$JAX_PACKAGE"
   convert   python -m emorl_jax.convert --hf_dir=\$HF_DIR --out=\$CKPT_DIR (on CPU)
   train     python -m emorl_jax.train --config=\$CONFIG --workdir=\$WORKDIR ... (extra ARGS appended)
   eval      python -m emorl_jax.eval --config=\$CONFIG --checkpoint=\$WORKDIR/final ... (extra ARGS appended)
@@ -82,7 +83,7 @@ cmd_setup() {
       || die "$PYTHON is Python $version; emorl_jax needs >= 3.11: set PYTHON"
   fi
   [[ -x "$VENV_DIR/bin/python" ]] || run "$PYTHON" -m venv "$VENV_DIR"
-  run "$VENV_DIR/bin/python" -m pip install -e "$REPO_ROOT" "$JAX_PACKAGE"
+  run "$VENV_DIR/bin/python" -m pip install -e "$REPO_ROOT${PIP_EXTRAS:+[$PIP_EXTRAS]}" "$JAX_PACKAGE"
   run "$VENV_DIR/bin/python" -c 'import jax; print(jax.devices())'
 }
 

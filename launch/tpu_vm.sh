@@ -24,12 +24,15 @@ REMOTE_DIR="${REMOTE_DIR:-emorl_jax}"
 VENV_DIR="${VENV_DIR:-emorl_venv}"
 PYTHON_VERSION="${PYTHON_VERSION:-3.12}"          # TPU VM images ship Python 3.10; we need >= 3.11 (installed by uv)
 JAX_PACKAGE="${JAX_PACKAGE:-jax[tpu]}"
+PIP_EXTRAS="${PIP_EXTRAS-gcs}"                    # emorl_jax extras; gcs (gcsfs) serves gs:// paths; "" = none
 # --- storage every worker sees at the same path (checkpoints, data, the HF snapshot) --------------------
+# Runs and orbax checkpoints may be gs:// URLs instead (RUNS_DIR, CKPT_DIR): no shared file system needed for them.
 SHARED_DIR="${SHARED_DIR:-/mnt/shared}"
 NFS_SHARE="${NFS_SHARE:-}"                        # e.g. 10.0.0.2:/vol1 (Filestore): setup mounts it at SHARED_DIR
 GCS_BUCKET="${GCS_BUCKET:-}"                      # or a bucket name: setup mounts it with gcsfuse
-HF_DIR="${HF_DIR:-$SHARED_DIR/models/Qwen2-Audio-7B-Instruct}"  # a local snapshot you uploaded; never downloaded
-CKPT_DIR="${CKPT_DIR:-$SHARED_DIR/ckpt/qwen2_audio_7b}"         # `convert` writes the orbax params here
+HF_DIR="${HF_DIR:-$SHARED_DIR/models/Qwen2-Audio-7B-Instruct}"  # a local snapshot, or the Hub id
+CKPT_DIR="${CKPT_DIR:-$SHARED_DIR/ckpt/qwen2_audio_7b}"         # `convert` writes the orbax params here (or gs://...)
+RUNS_DIR="${RUNS_DIR:-$SHARED_DIR/runs}"                         # run directories (or gs://bucket/runs)
 CONVERT_PARAM_DTYPE="${CONVERT_PARAM_DTYPE:-float32}"           # matches the 7B configs' param_dtype
 # --- the run ----------------------------------------------------------------------------------------
 CONFIG="${CONFIG:-configs/qwen2_audio_7b_iemocap.py}"
@@ -37,7 +40,7 @@ DATA_DIR="${DATA_DIR:-}"                          # corpus root under SHARED_DIR
 FOLD="${FOLD:-}"                                  # IEMOCAP fold 1-5; "" keeps the config's
 INIT_FROM="${INIT_FROM:-checkpoint}"              # checkpoint (CKPT_DIR, after `convert`) | hf (read HF_DIR)
 RUN_NAME="${RUN_NAME:-$(basename "$CONFIG" .py)${FOLD:+_fold$FOLD}}"
-WORKDIR="${WORKDIR:-$SHARED_DIR/runs/$RUN_NAME}"
+WORKDIR="${WORKDIR:-$RUNS_DIR/$RUN_NAME}"
 DETACH="${DETACH:-0}"                             # 1 = train/eval keep running after ssh returns (see `logs`)
 EVAL_DATASET="${EVAL_DATASET:-}"                  # "" = the config's corpus (iemocap or meld)
 EVAL_DATA_DIR="${EVAL_DATA_DIR:-$DATA_DIR}"
@@ -55,7 +58,7 @@ usage: launch/tpu_vm.sh COMMAND [ARGS...]
 commands:
   create    gcloud compute tpus tpu-vm create \$TPU_NAME (\$ACCELERATOR_TYPE, \$RUNTIME_VERSION, \$ZONE)
   setup     on every worker: mount \$SHARED_DIR (NFS_SHARE or GCS_BUCKET), copy or clone the repo,
-            create a Python \$PYTHON_VERSION venv, pip install -e . "\$JAX_PACKAGE"
+            create a Python \$PYTHON_VERSION venv, pip install -e ".[\$PIP_EXTRAS]" "\$JAX_PACKAGE"
   convert   on worker 0 (CPU): python -m emorl_jax.convert --hf_dir=\$HF_DIR --out=\$CKPT_DIR
   train     on every worker: python -m emorl_jax.train --multihost --config=\$CONFIG --workdir=\$WORKDIR ...
             extra ARGS are appended (e.g. --config.rl.steps=100)
@@ -167,9 +170,10 @@ tar --null -T - -czf $(quote "$tarball")"
     run gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:emorl_jax_src.tar.gz" "${flags[@]}" --worker=all
     remote all "mkdir -p ~/$REMOTE_DIR && tar -xzf ~/emorl_jax_src.tar.gz -C ~/$REMOTE_DIR"
   fi
+  local extras="${PIP_EXTRAS:+[$PIP_EXTRAS]}"  # e.g. [gcs]
   remote all "(python3 -m pip install --user -q uv || python3 -m pip install --user -q --break-system-packages uv) && \
 ([ -x ~/$VENV_DIR/bin/python ] || ~/.local/bin/uv venv --seed --python $(quote "$PYTHON_VERSION") ~/$VENV_DIR) && \
-~/$VENV_DIR/bin/python -m pip install -q -e ~/$REMOTE_DIR $(quote "$JAX_PACKAGE") && \
+~/$VENV_DIR/bin/python -m pip install -q -e ~/$REMOTE_DIR$(quote "$extras") $(quote "$JAX_PACKAGE") && \
 ~/$VENV_DIR/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.device_count())'"
 }
 

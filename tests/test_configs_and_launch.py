@@ -237,7 +237,7 @@ def test_tpu_setup_copies_the_checkout_and_installs_on_every_worker():
     assert [c[4] for c in gcloud] == ["ssh", "scp", "ssh", "ssh"]
     install = " ".join(shlex.split(remote_command(gcloud[-1])))  # as the worker's shell reads it
     assert "uv venv --seed --python 3.12 ~/emorl_venv" in install
-    assert "~/emorl_venv/bin/python -m pip install -q -e ~/emorl_jax jax[tpu]" in install
+    assert "~/emorl_venv/bin/python -m pip install -q -e ~/emorl_jax[gcs] jax[tpu]" in install  # gs:// runs
     cloned = dry_run(TPU_SH, "setup", REPO_URL="https://example.com/emorl_jax.git", REPO_REF="v1")
     assert "git clone https://example.com/emorl_jax.git" in remote_command(cloned[0])
     assert "fetch origin v1" in remote_command(cloned[0])
@@ -369,7 +369,7 @@ def test_gpu_train_and_eval_set_the_memory_flags():
 def test_gpu_setup_and_convert():
     commands = dry_run(GPU_SH, "setup", VENV_DIR="/tmp/definitely_not_a_venv")
     assert commands[0] == ["python3", "-m", "venv", "/tmp/definitely_not_a_venv"]
-    assert commands[1] == ["/tmp/definitely_not_a_venv/bin/python", "-m", "pip", "install", "-e", str(ROOT),
+    assert commands[1] == ["/tmp/definitely_not_a_venv/bin/python", "-m", "pip", "install", "-e", f"{ROOT}[gcs]",
                            "jax[cuda12]"]
     (convert,) = dry_run(GPU_SH, "convert", HF_DIR="/m/hf", CKPT_DIR="/m/ck")
     assert convert[:2] == ["env", "JAX_PLATFORMS=cpu"]

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from emorl_jax.errors import TokenizerError
 from emorl_jax.text.tokenizer import (
     CHAT_SPECIALS, ESR_TAGS, SPECIAL_TOKENS, HFTokenizer, SentencePieceTokenizer, Tokenizer, TokenNotFoundError,
     load_tokenizer, train_byte_level_bpe, train_sentencepiece)
@@ -141,7 +142,7 @@ def test_hf_pad_token_from_config(hf_dir, tmp_path):
 
 
 def test_hf_errors(hf, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+    with pytest.raises(TokenizerError, match="no tokenizer.json"):
         HFTokenizer(tmp_path)
     bad = tmp_path / "tokenizer.json"
     bad.write_text("{not json")
@@ -197,7 +198,7 @@ def test_sentencepiece_errors(sp, tmp_path):
         train_sentencepiece(CORPUS, tmp_path / "small.model", vocab_size=100)
     with pytest.raises(ValueError, match=r"must include the chat/audio specials; missing \['<\|im_start"):
         train_sentencepiece(CORPUS, tmp_path / "x.model", vocab_size=360, special_tokens=("<|endoftext|>",))
-    with pytest.raises(FileNotFoundError, match="missing.model: SentencePiece model file not found"):
+    with pytest.raises(TokenizerError, match="missing.model: SentencePiece model file not found"):
         SentencePieceTokenizer(tmp_path / "missing.model")
     junk = tmp_path / "junk.model"
     junk.write_bytes(b"not a model")
@@ -222,7 +223,7 @@ def test_load_tokenizer_dispatch(spm_path, hf_dir, tmp_path):
     assert isinstance(load_tokenizer(spm_path.parent), SentencePieceTokenizer)
     assert isinstance(load_tokenizer(hf_dir), HFTokenizer)
     assert isinstance(load_tokenizer(hf_dir / "tokenizer.json"), HFTokenizer)
-    with pytest.raises(FileNotFoundError, match="expected tokenizer.json, vocab.json \\+ merges.txt, or one"):
+    with pytest.raises(TokenizerError, match="expected tokenizer.json, vocab.json \\+ merges.txt, or one"):
         load_tokenizer(tmp_path)
-    with pytest.raises(FileNotFoundError, match="nowhere: tokenizer file or directory not found"):
+    with pytest.raises(TokenizerError, match="nowhere: tokenizer file or directory not found"):
         load_tokenizer(tmp_path / "nowhere")

@@ -53,6 +53,15 @@ def test_sigterm_and_resume_reach_the_uninterrupted_params(tmp_path):
     grpo_rows = [r for r in _metric_rows(straight) if r["stage"] == "grpo"]
     assert len(grpo_rows) == 4 and all("reward_total" in r and "kl" in r for r in grpo_rows)
 
+    # A rerun with another config refuses in one line; --resume_with_changes accepts (and records) the change.
+    changed = [*_command(straight), "--config.rl.learning_rate=0.5"]
+    out = subprocess.run(changed, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-3000:]
+    assert out.stderr.startswith(f"error: {straight / 'config.json'}: the config differs") and "-> 0.5" in out.stderr
+    out = subprocess.run([*changed, "--resume_with_changes"], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "with config changes: rl.learning_rate" in out.stdout, out.stderr[-3000:]
+    assert json.loads((straight / "config.json").read_text())["config"]["rl"]["learning_rate"] == 0.5
+
     # Preempt the second run once its first GRPO step is logged.
     proc = subprocess.Popen(_command(resumed), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT)

@@ -17,6 +17,8 @@ import librosa
 import numpy as np
 import soundfile as sf
 
+from emorl_jax.errors import UserError
+
 SOUNDFILE_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg"})
 # Segment ends may overrun the decoded length by this much (timestamp rounding, codec padding).
 SEGMENT_END_TOLERANCE_S = 0.05
@@ -25,13 +27,16 @@ SILENCE_PEAK = 1e-4
 RESAMPLE_TYPE = "soxr_hq"
 
 
-class AudioError(ValueError):
+class AudioError(UserError, ValueError):
     """A file (or in-memory waveform) that cannot be used as audio; message is '<source>: <problem>'."""
 
     def __init__(self, source: str | os.PathLike, problem: str):
         self.source = str(source)
         self.problem = problem
         super().__init__(f"{self.source}: {problem}")
+
+    def __reduce__(self):  # rebuilt from (source, problem) when a grain worker process sends it back
+        return type(self), (self.source, self.problem)
 
 
 def load_audio(

@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emorl_jax.errors import ConfigError
+
 LABELS: tuple[str, ...] = ("neutral", "happy", "sad", "angry", "fear", "disgust", "surprise")
 
 _LABEL_SETS: dict[str, tuple[str, ...]] = {
@@ -124,7 +126,7 @@ _NEUTRAL = "neutral"
 def label_set(name: str) -> tuple[str, ...]:
     """The ordered labels of a task: meld, synthetic, iemocap4, cross4, ravdess, savee, tess, cremad, iemocap_full."""
     if name not in _LABEL_SETS:
-        raise ValueError(f"unknown label set {name!r}; known: {', '.join(_LABEL_SETS)}")
+        raise ConfigError(f"unknown label set {name!r}; known: {', '.join(_LABEL_SETS)}")
     return _LABEL_SETS[name]
 
 
@@ -156,29 +158,29 @@ def similarity_matrix(labels: Sequence[str], kind: str | os.PathLike | Mapping =
         for label in labels:
             if label not in defined:
                 space = "position on Plutchik's wheel" if kind == "plutchik" else "valence/arousal coordinates"
-                raise ValueError(f"label {label!r} has no {space} (defined: {', '.join(defined)})")
+                raise ConfigError(f"label {label!r} has no {space} (defined: {', '.join(defined)})")
         fn = _plutchik if kind == "plutchik" else _circumplex
         matrix = np.array([[1.0 if a == b else fn(a, b) for b in labels] for a in labels], dtype=np.float64)
         return _validate(list(labels), matrix, labels, source=kind)
     path = Path(kind)
     if not path.is_file():
-        raise ValueError(f"unknown similarity {str(kind)!r}: use 'plutchik', 'circumplex', the path of a JSON "
+        raise ConfigError(f"unknown similarity {str(kind)!r}: use 'plutchik', 'circumplex', the path of a JSON "
                          "file, or a mapping {'labels': [...], 'matrix': [[...]]}")
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(spec, Mapping):
-        raise ValueError(f"{path}: expected a JSON object with 'labels' and 'matrix'")
+        raise ConfigError(f"{path}: expected a JSON object with 'labels' and 'matrix'")
     return _user_matrix(spec, labels, source=str(path))
 
 
 def _check_labels(labels: Sequence[str]) -> tuple[str, ...]:
     labels = tuple(labels)
     if not labels or not all(isinstance(x, str) for x in labels):
-        raise ValueError(f"labels must be a non-empty sequence of strings, got {labels!r}")
+        raise ConfigError(f"labels must be a non-empty sequence of strings, got {labels!r}")
     if len(set(labels)) != len(labels):
-        raise ValueError(f"labels must be unique, got {list(labels)}")
+        raise ConfigError(f"labels must be unique, got {list(labels)}")
     return labels
 
 
@@ -196,35 +198,35 @@ def _circumplex(a: str, b: str) -> float:
 def _user_matrix(spec: Mapping, labels: tuple[str, ...], source: str) -> np.ndarray:
     have, rows = spec.get("labels"), spec.get("matrix")
     if not isinstance(have, list) or not isinstance(rows, list):
-        raise ValueError(f"{source}: expected 'labels' (a list of names) and 'matrix' (a list of rows)")
+        raise ConfigError(f"{source}: expected 'labels' (a list of names) and 'matrix' (a list of rows)")
     try:
         matrix = np.array(rows, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{source}: matrix must be a list of equally long rows of numbers") from None
+        raise ConfigError(f"{source}: matrix must be a list of equally long rows of numbers") from None
     return _validate(have, matrix, labels, source)
 
 
 def _validate(have: list, matrix: np.ndarray, labels: tuple[str, ...], source: str) -> np.ndarray:
     """Check the rules on the full (have x have) matrix, then return it re-ordered to `labels`."""
     if not all(isinstance(x, str) for x in have) or len(set(have)) != len(have):
-        raise ValueError(f"{source}: labels must be unique strings, got {have!r}")
+        raise ConfigError(f"{source}: labels must be unique strings, got {have!r}")
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"{source}: matrix must be square, got shape {matrix.shape}")
+        raise ConfigError(f"{source}: matrix must be square, got shape {matrix.shape}")
     if matrix.shape[0] != len(have):
-        raise ValueError(f"{source}: {len(have)} labels but a {matrix.shape[0]}x{matrix.shape[1]} matrix")
+        raise ConfigError(f"{source}: {len(have)} labels but a {matrix.shape[0]}x{matrix.shape[1]} matrix")
     missing = [x for x in labels if x not in have]
     if missing:
-        raise ValueError(f"{source}: labels {missing} are missing (it has {have})")
+        raise ConfigError(f"{source}: labels {missing} are missing (it has {have})")
     if not np.all(np.isfinite(matrix)):
-        raise ValueError(f"{source}: matrix has NaN or infinite entries")
+        raise ConfigError(f"{source}: matrix has NaN or infinite entries")
     for i, a in enumerate(have):
         if abs(matrix[i, i] - 1.0) > 1e-9:
-            raise ValueError(f"{source}: the diagonal must be 1, but S({a}, {a}) = {matrix[i, i]:g}")
+            raise ConfigError(f"{source}: the diagonal must be 1, but S({a}, {a}) = {matrix[i, i]:g}")
         for j, b in enumerate(have):
             if i != j and not 0.0 <= matrix[i, j] <= 1.0:
-                raise ValueError(f"{source}: S({a}, {b}) = {matrix[i, j]:g} is outside [0, 1]")
+                raise ConfigError(f"{source}: S({a}, {b}) = {matrix[i, j]:g} is outside [0, 1]")
             if abs(matrix[i, j] - matrix[j, i]) > 1e-9:
-                raise ValueError(f"{source}: matrix is not symmetric: S({a}, {b}) = {matrix[i, j]:g} but "
+                raise ConfigError(f"{source}: matrix is not symmetric: S({a}, {b}) = {matrix[i, j]:g} but "
                                  f"S({b}, {a}) = {matrix[j, i]:g}")
     index = [have.index(x) for x in labels]
     return matrix[np.ix_(index, index)].copy()

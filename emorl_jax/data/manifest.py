@@ -3,7 +3,9 @@
 One JSON object per line with the Utterance fields: utt_id, path, label, speaker, split, corpus and,
 optionally, start_s/end_s (seconds or null). Extra keys are allowed and ignored. Relative paths are
 resolved against the manifest's folder; `write_manifest` stores paths under that folder relative to
-it (so the folder can be moved) and others absolute.
+it (so the folder can be moved) and others absolute. `read_manifest` also reads a remote manifest
+(`gs://bucket/manifest.jsonl`, through etils.epath); the audio files themselves must be local, so such a
+manifest lists absolute local paths (copy the audio to each host first).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from emorl_jax.data.corpora.base import CorpusError, Utterance
 from emorl_jax.data.emotions import ALL_LABELS
+from emorl_jax.paths import as_path, is_remote
 
 REQUIRED = ("utt_id", "path", "label", "speaker", "split", "corpus")
 OPTIONAL = ("start_s", "end_s")
@@ -41,12 +44,13 @@ def write_manifest(path: str | os.PathLike, records: Iterable[Utterance]) -> Pat
 
 
 def read_manifest(path: str | os.PathLike) -> list[Utterance]:
-    """The Utterances of a manifest (a .jsonl file, or a folder holding manifest.jsonl), absolute paths.
+    """The Utterances of a manifest (a .jsonl file, or a folder holding manifest.jsonl; local or remote),
+    absolute paths.
 
     Raises CorpusError "<file>:<line>: <problem>" for bad JSON, a missing key, a wrong type, an unknown
-    label, a duplicate utt_id, or an audio file that does not exist.
+    label, a duplicate utt_id, or an audio file that does not exist or is not local.
     """
-    path = Path(path)
+    path = as_path(path)
     if path.is_dir():
         path = path / FILENAME
     if not path.is_file():
@@ -70,7 +74,7 @@ def read_manifest(path: str | os.PathLike) -> list[Utterance]:
     return records
 
 
-def _parse(line: str, where: str, base: Path) -> Utterance:
+def _parse(line: str, where: str, base: os.PathLike) -> Utterance:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
@@ -91,6 +95,9 @@ def _parse(line: str, where: str, base: Path) -> Utterance:
     if record["label"] not in ALL_LABELS:
         raise CorpusError(f"{where}: unknown label {record['label']!r} (known: {', '.join(sorted(ALL_LABELS))})")
     audio = base / record["path"]
+    if is_remote(record["path"]) or is_remote(audio):
+        raise CorpusError(f"{where}: audio {record['path']!r} is not a local file (audio is read from local disk "
+                          "only: copy it to this machine; a remote manifest lists absolute local paths)")
     if not audio.is_file():
         raise CorpusError(f"{where}: audio file {audio} not found")
     start, end = record.get("start_s"), record.get("end_s")

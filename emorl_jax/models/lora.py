@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emorl_jax.errors import ConfigError
 from emorl_jax.models.layers import Dense
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -81,16 +82,16 @@ def add_lora(model, *, rank: int, alpha: float, targets: Sequence[str] = DEFAULT
     Raises ValueError for a non-positive rank, an empty or unknown target, or a model already adapted.
     """
     if rank < 1:
-        raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
+        raise ConfigError(f"lora.rank: rank must be a positive integer, got {rank}")
     targets = tuple(targets)
     if not targets:
-        raise ValueError("LoRA targets are empty; name at least one projection, e.g. 'q_proj'")
+        raise ConfigError("lora.targets: targets are empty; name at least one projection, e.g. 'q_proj'")
     if _projections(model, LoRADense):
         raise ValueError("LoRA: the model already has adapters; merge_lora it before adding new ones")
     known = {name for _, name, _ in _projections(model)}
     unknown = sorted(set(targets) - known)
     if unknown:
-        raise ValueError(f"LoRA targets {unknown} are not decoder projections; known: {sorted(known)}")
+        raise ConfigError(f"lora.targets: targets {unknown} are not decoder projections; known: {sorted(known)}")
     model = nnx.clone(model)
     for parent, name, dense in _projections(model):
         if name in targets:

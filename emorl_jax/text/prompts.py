@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from emorl_jax.errors import ConfigError
 from emorl_jax.text.tokenizer import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, IM_END, IM_START, Tokenizer
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -94,4 +95,4 @@ def encode_prompt(tokenizer: Tokenizer, mode: str, labels: Sequence[str],
 
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"unknown prompting mode {mode!r}; expected one of {MODES}")
+        raise ConfigError(f"prompt_mode: unknown prompting mode {mode!r}; expected one of {MODES}")

@@ -25,6 +25,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from emorl_jax import hub
+from emorl_jax.errors import TokenizerError
+
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS = "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"
 # Qwen2-Audio's chat and audio specials, in Qwen2-Audio's id order (151643 ... 151648).
@@ -68,7 +71,7 @@ def _special_ids(tok: Tokenizer, source: Path, pad_token: str) -> None:
         try:
             ids[token] = tok.token_to_id(token)
         except TokenNotFoundError:
-            raise ValueError(f"{source}: required special token {token!r} is not in the vocabulary") from None
+            raise TokenizerError(f"{source}: required special token {token!r} is not in the vocabulary") from None
     tok.eos_ids = (ids[IM_END], ids[ENDOFTEXT])
     tok.pad_id = ids[pad_token]
     tok.audio_token_id = ids[AUDIO_TOKEN]
@@ -86,17 +89,17 @@ class SentencePieceTokenizer:
 
         self.path = Path(model_path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: SentencePiece model file not found")
+            raise TokenizerError(f"{self.path}: SentencePiece model file not found")
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except Exception as e:  # sentencepiece raises OSError/RuntimeError with its own text
-            raise ValueError(f"{self.path}: not a valid SentencePiece model ({e})") from e
+            raise TokenizerError(f"{self.path}: not a valid SentencePiece model ({e})") from e
         self.vocab_size = self._sp.get_piece_size()
         _special_ids(self, self.path, ENDOFTEXT)
         self._skip = frozenset(self.token_to_id(t) for t in CHAT_SPECIALS)
         for token in CHAT_SPECIALS:
             if self.encode(token) != [self.token_to_id(token)]:
-                raise ValueError(f"{self.path}: special token {token!r} is not a user-defined piece, so text "
+                raise TokenizerError(f"{self.path}: special token {token!r} is not a user-defined piece, so text "
                                  "does not encode it as its single id")
 
     def encode(self, text: str) -> list[int]:
@@ -144,7 +147,7 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | Path, *, vocab_siz
             unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, num_threads=1, input_sentence_size=0,
             shuffle_input_sentence=False, max_sentence_length=1 << 20, minloglevel=2, hard_vocab_limit=False)
     except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars" / "too high"
-        raise ValueError(f"{out_path}: SentencePiece training failed: {e}") from e
+        raise TokenizerError(f"{out_path}: SentencePiece training failed: {e}") from e
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_bytes(model.getvalue())
     return SentencePieceTokenizer(out_path)
@@ -166,7 +169,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read JSON ({e})") from e
+        raise TokenizerError(f"{path}: cannot read JSON ({e})") from e
 
 
 def _token_content(value) -> str | None:
@@ -179,7 +182,7 @@ def _added_tokens(directory: Path) -> list[tuple[int, dict]]:
     config = directory / "tokenizer_config.json"
     cfg = _read_json(config) if config.is_file() else {}
     if "added_tokens_decoder" not in cfg:
-        raise ValueError(f"{config}: vocab.json + merges.txt need this file with `added_tokens_decoder` "
+        raise TokenizerError(f"{config}: vocab.json + merges.txt need this file with `added_tokens_decoder` "
                          "(the special tokens and their ids)")
     return sorted((int(i), dict(v)) for i, v in cfg["added_tokens_decoder"].items())
 
@@ -193,13 +196,13 @@ def _from_vocab_merges(directory: Path):
     try:
         tok = _qwen2_pipeline(HFTok(BPE.from_file(str(vocab), str(merges))))
     except Exception as e:
-        raise ValueError(f"{directory}: cannot build a BPE tokenizer from vocab.json + merges.txt ({e})") from e
+        raise TokenizerError(f"{directory}: cannot build a BPE tokenizer from vocab.json + merges.txt ({e})") from e
     fields = ("single_word", "lstrip", "rstrip", "normalized", "special")
     entries = [(i, e) for i, e in _added_tokens(directory) if tok.token_to_id(e["content"]) != i]
     tok.add_tokens([AddedToken(e["content"], **{k: bool(e[k]) for k in fields if k in e}) for _, e in entries])
     for expected, entry in entries:
         if (got := tok.token_to_id(entry["content"])) != expected:
-            raise ValueError(f"{directory}: added token {entry['content']!r} should have id {expected} but gets "
+            raise TokenizerError(f"{directory}: added token {entry['content']!r} should have id {expected} but gets "
                              f"{got} (added ids must continue vocab.json without gaps)")
     return tok
 
@@ -223,12 +226,12 @@ class HFTokenizer:
             try:
                 self._tok = HFTok.from_file(str(file))
             except Exception as e:
-                raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from e
+                raise TokenizerError(f"{file}: not a valid tokenizer.json ({e})") from e
             self.path = file
         elif path.is_dir() and (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
             self._tok, self.path = _from_vocab_merges(directory), directory
         else:
-            raise FileNotFoundError(f"{path}: no tokenizer.json (nor vocab.json + merges.txt) found")
+            raise TokenizerError(f"{path}: no tokenizer.json (nor vocab.json + merges.txt) found")
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         _special_ids(self, self.path, self._pad_token(directory))
 
@@ -276,17 +279,19 @@ def train_byte_level_bpe(texts: Iterable[str], out_dir: str | Path, *, vocab_siz
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Pick the backend by file: `*.model` → SentencePiece; tokenizer.json / vocab.json + merges.txt → HF.
 
-    A directory is searched for tokenizer.json, then vocab.json + merges.txt, then a single `*.model`.
+    `path`: a file, a directory, or a Hub id `org/name[@revision]` (its tokenizer files are fetched into the
+    Hugging Face cache, see `emorl_jax.hub`). A directory is searched for tokenizer.json, then vocab.json +
+    merges.txt, then a single `*.model`. Raises `TokenizerError` for a missing or invalid tokenizer.
     """
-    path = Path(path)
+    path = Path(hub.resolve(path, what="tokenizer"))
     if path.is_file():
         return SentencePieceTokenizer(path) if path.suffix == ".model" else HFTokenizer(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: tokenizer file or directory not found")
+        raise TokenizerError(f"{path}: tokenizer file or directory not found")
     if (path / "tokenizer.json").is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
         return HFTokenizer(path)
     models = sorted(path.glob("*.model"))
     if len(models) == 1:
         return SentencePieceTokenizer(models[0])
-    raise FileNotFoundError(f"{path}: expected tokenizer.json, vocab.json + merges.txt, or one *.model file; "
+    raise TokenizerError(f"{path}: expected tokenizer.json, vocab.json + merges.txt, or one *.model file; "
                             f"found {len(models)} *.model files and no tokenizer.json")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from emorl_jax.errors import UserError
 
-class CorpusError(ValueError):
+
+class CorpusError(UserError, ValueError):
     """A corpus file is missing or malformed; the message names the file (and line)."""
 
 
