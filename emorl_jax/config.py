@@ -212,6 +212,7 @@ def base_run_config():
         "synthetic_per_class": 60,
         "synthetic_speakers": 6,
         "synthetic_seed": 0,
+        "synthetic_priors": "balanced",  # balanced | meld: MELD's class priors per split (synthetic.MELD_PRIORS)
     })
     c.lora = ml_collections.ConfigDict({
         "rank": 0,           # 0 = full fine-tuning (the paper's, implied); > 0 trains LoRA adapters only

@@ -92,9 +92,7 @@ def _records(config, workdir: str | os.PathLike) -> tuple[tuple[str, ...], list[
     descriptions: dict = {}
     if name == "synthetic":
         root = _synthetic_root(d, workdir)
-        _make_once(lambda: (root / "manifest.jsonl").exists(),
-                   lambda: synthetic.generate(root, n_per_class=d.synthetic_per_class, speakers=d.synthetic_speakers,
-                                              seed=d.synthetic_seed), name=f"synthetic corpus {root}")
+        make_synthetic_corpus(d, root)
         records = synthetic.read(root)
         descriptions = synthetic.descriptions(root)
         train = [u for u in records if u.split == d.train_split]
@@ -121,6 +119,17 @@ def _records(config, workdir: str | os.PathLike) -> tuple[tuple[str, ...], list[
     return labels, train, held_out, descriptions
 
 
+def make_synthetic_corpus(d, root: Path) -> None:
+    """Writes the synthetic corpus the `data` config section `d` describes into `root`, unless one is there."""
+    if d.synthetic_priors not in synthetic.PRIORS:
+        raise ConfigError(f"data.synthetic_priors={d.synthetic_priors!r}: known priors are "
+                          f"{', '.join(synthetic.PRIORS)}")
+    _make_once(lambda: (root / "manifest.jsonl").exists(),
+               lambda: synthetic.generate(root, n_per_class=d.synthetic_per_class, speakers=d.synthetic_speakers,
+                                          seed=d.synthetic_seed, class_priors=synthetic.PRIORS[d.synthetic_priors]),
+               name=f"synthetic corpus {root}")
+
+
 def _synthetic_root(d, workdir: str | os.PathLike) -> Path:
     """`data.data_dir`, else `<workdir>/data`; under a remote workdir (wav files are written and read locally) a
     local cache folder named by the generator's parameters, which determine the corpus (`paths.cache_dir()`; clear
@@ -132,7 +141,8 @@ def _synthetic_root(d, workdir: str | os.PathLike) -> Path:
         return Path(d.data_dir)
     if not is_remote(workdir):
         return Path(workdir) / "data"
-    return cache_dir() / "synthetic" / f"n{d.synthetic_per_class}_s{d.synthetic_speakers}_seed{d.synthetic_seed}"
+    return (cache_dir() / "synthetic"
+            / f"{d.synthetic_priors}_n{d.synthetic_per_class}_s{d.synthetic_speakers}_seed{d.synthetic_seed}")
 
 
 def _make_once(exists, make, *, name: str) -> None:

@@ -1,7 +1,7 @@
 """`python -m emorl_jax.train --config=configs/X.py --workdir=DIR [--config.key=value ...]`
 
 Stages: (optional) SFT warm-up on ESR-format targets, then GRPO with ESWR + format rewards; greedy evaluations
-on the held-out split after each stage, printed as a before/after table. Every `train.checkpoint_every` steps
+on the held-out split after each stage, printed as a before/after table (`rl.steps=0` stops after SFT). Every `train.checkpoint_every` steps
 (and on SIGTERM) the train state, the data-iterator state and the stage are saved; rerunning the same command
 with the same workdir resumes exactly where it stopped (same next batch, same PRNG stream). The workdir records
 its config (`config.json`): a rerun with a different config refuses to start unless `--resume_with_changes`.
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from absl import flags
 from flax import nnx
 from ml_collections import config_flags
@@ -31,6 +32,7 @@ from emorl_jax.evaluation import GreedyEvaluator, summary_table, write_outputs
 from emorl_jax.models.lora import add_lora, merge_lora, split_trainable, zero_lora
 from emorl_jax.paths import as_path
 from emorl_jax.programs import Program, step_memory
+from emorl_jax.rl import hubs, rewards
 from emorl_jax.rl.grpo import metric_means
 from emorl_jax.rl.stages import GRPOStages, build_grpo_programs, mean_reward_parts
 from emorl_jax.rl.steps import (PROMPT_KEYS, TrainState, abstract_train_state, compute_dtype_copy, init_train_state,
@@ -231,8 +233,9 @@ class Trainer:
         programs = build_grpo_programs(c, self.graphdef, tx, self.mesh, shardings, eos_ids=self.tokenizer.eos_ids,
                                        pad_id=self.tokenizer.pad_id, seed=self.config.train.seed)
         self.programs.update(programs.as_dict())
-        stages = GRPOStages(self.config, programs, self.mesh, self.tokenizer, self.labels,
-                            emotions.similarity_matrix(self.labels, self.config.reward.similarity))
+        similarity = emotions.similarity_matrix(self.labels, self.config.reward.similarity)
+        stages = GRPOStages(self.config, programs, self.mesh, self.tokenizer, self.labels, similarity)
+        hub_rewards = self._hub_report(similarity) if int(state.step) == 0 else None
         iterator = self.data.train_iterator(self.tokenizer, c.batch_size, seed=self.config.train.seed + 1,
                                             with_targets=False, state=self._data_state(meta))
         for _ in tqdm(range(int(state.step), c.steps), desc="GRPO", initial=int(state.step), total=c.steps,
@@ -252,6 +255,10 @@ class Trainer:
             if first:
                 self._write_memory({**trees, "params": state.params, "optimizer": state.opt_state},
                                    programs.as_dict())
+            if step == 0 and hub_rewards is not None and jax.process_index() == 0:
+                accuracy = scored["eswr" if self.config.reward.accuracy == "eswr" else "accuracy"]
+                for warning in hubs.hub_warnings(self.labels, hub_rewards, float(accuracy.mean())):
+                    print(f"warning: {warning}")
             self._after_step("grpo", state, iterator, {
                 **mean_reward_parts(scored), "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
                 **metric_means(metrics), "completion_length": float(rollouts.mask.sum(1).mean()),
@@ -264,6 +271,20 @@ class Trainer:
         checkpoint.save(merge_lora(final) if lora else final, self.workdir / "final")
 
     # ----------------------------------------------------------------------------------------- helpers
+    def _hub_report(self, similarity) -> np.ndarray:
+        """Prints the expected accuracy reward of every constant answer under the training priors (at step 0's
+        alpha) and returns it [L], for the warning after the first rollouts (`rl.hubs`)."""
+        r = self.config.reward
+        priors = hubs.label_priors([u.label for u in self.data.train], self.labels)
+        alpha = rewards.alpha_schedule(0, self.config.rl.steps, kind=r.alpha_schedule, value=r.alpha)
+        expected = hubs.constant_answer_rewards(priors, similarity, self.labels, accuracy=r.accuracy, alpha=alpha,
+                                                gamma=r.gamma)
+        if jax.process_index() == 0:
+            print(f"constant answers under the training priors ({r.accuracy}"
+                  + (f", alpha {alpha:g}, gamma {r.gamma:g}" if r.accuracy == "eswr" else "") + "):\n"
+                  + hubs.hub_table(self.labels, priors, expected))
+        return expected
+
     def _after_step(self, stage: str, state: TrainState, iterator, values: dict) -> None:
         step = int(state.step)
         if step % self.config.train.log_every == 0:
@@ -294,8 +315,9 @@ def run(config, workdir: str | Path, *, resume_with_changes: bool = False) -> di
         trainer.sft()
         results["after SFT" if config.sft.steps or config.sft.from_run else "before GRPO"] = (
             trainer.evaluate("before_grpo"))
-        trainer.grpo()
-        results["after GRPO"] = trainer.evaluate("after_grpo")
+        if config.rl.steps > 0:  # rl.steps=0: SFT and its evaluation only (a shared start for GRPO branches)
+            trainer.grpo()
+            results["after GRPO"] = trainer.evaluate("after_grpo")
     table = summary_table(results)
     if jax.process_index() == 0:
         (trainer.workdir / "summary.txt").write_text(table + "\n")

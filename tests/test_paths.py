@@ -253,9 +253,10 @@ def test_synthetic_corpus_of_remote_workdir_is_local(fake_gcs, tmp_path, monkeyp
     monkeypatch.setenv("EMORL_JAX_CACHE", str(tmp_path / "cache"))
     config = config_dict.ConfigDict({"data": {
         "dataset": "synthetic", "labels": "synthetic", "data_dir": "", "synthetic_per_class": 10,
-        "synthetic_speakers": 10, "synthetic_seed": 0, "train_split": "train", "eval_split": "test"}})
+        "synthetic_speakers": 10, "synthetic_seed": 0, "synthetic_priors": "balanced", "train_split": "train",
+        "eval_split": "test"}})
     _, train, held_out, _ = run_setup._records(config, "gs://bucket/run")
-    root = tmp_path / "cache" / "synthetic" / "n10_s10_seed0"
+    root = tmp_path / "cache" / "synthetic" / "balanced_n10_s10_seed0"
     assert (root / "manifest.jsonl").is_file() and train and held_out
     assert all(pathlib.Path(u.path).is_relative_to(root) for u in train + held_out)
     assert not epath.Path("gs://bucket/run/data").exists()

@@ -90,6 +90,25 @@ def test_manifest_splits_and_balance(corpus, tmp_path):
     assert per_class == {(s, c): n for s, n in (("train", 14), ("dev", 2), ("test", 4)) for c in LABELS}
 
 
+def test_meld_priors_keep_split_sizes_and_speakers(tmp_path):
+    """MELD-like corpus: each split keeps its balanced clip count, divided by MELD's priors for that split."""
+    utts = synthetic.generate(tmp_path, n_per_class=20, speakers=10, class_priors=synthetic.MELD_PRIORS,
+                              max_seconds=1.0)
+    balanced = {"train": 7 * 14, "dev": 7 * 2, "test": 7 * 4}  # 10 speakers -> 7/1/2, each 2 clips per class
+    for split, total in balanced.items():
+        priors = np.asarray(synthetic.MELD_PRIORS[split], dtype=np.float64)
+        counts = [sum(u.split == split and u.label == c for u in utts) for c in LABELS]
+        assert counts == list(np.maximum(1, np.round(total * priors / priors.sum())).astype(int)), split
+    # train: neutral 46 of 98 (MELD 4710 of 9989), fear 3 (268); test: neutral 13 of 28, fear 1 (50 of 2610)
+    train = [sum(u.split == "train" and u.label == c for u in utts) for c in LABELS]
+    assert train == [46, 17, 7, 11, 12, 3, 3]
+    held_out = {u.speaker for u in utts if u.split == "test"}
+    assert held_out.isdisjoint(u.speaker for u in utts if u.split == "train")
+    assert len({u.utt_id for u in utts}) == len(utts) and synthetic.read(tmp_path) == utts
+    with pytest.raises(ValueError, match="must name exactly the splits"):
+        synthetic.generate(tmp_path / "bad", n_per_class=20, speakers=10, class_priors={"train": (1,) * 7})
+
+
 def test_descriptions_come_from_parameters(corpus):
     out, utts = corpus
     words = synthetic.descriptions(out)

@@ -47,6 +47,9 @@ def test_sigterm_and_resume_reach_the_uninterrupted_params(tmp_path):
     out = subprocess.run(_command(straight), env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "after GRPO" in out.stdout and (straight / "summary.txt").exists()
+    # The hub diagnostic before GRPO: one row per label, under the training priors (balanced: 1/7 each).
+    table = out.stdout.split("constant answers under the training priors (eswr, alpha 0.5, gamma 0.7):")[1]
+    assert all(f"\n{label} " in table for label in ("surprise", "neutral", "disgust")) and "0.1429" in table
     for name in ("before_grpo", "after_grpo"):
         assert (straight / "eval" / name / "confusion.png").exists()
     assert (straight / "final" / "model_config.json").exists() and (straight / "tb").is_dir()

@@ -34,7 +34,9 @@ of those farther pairs with every class. Neighbouring classes overlap, so their 
 Speakers alternate female/male with their own base f0, formant scale, speaking-rate factor and gain.
 Splits are by speaker (held-out speakers: the harder, LOSO-like protocol; default) or by utterance; both
 give every split exactly the same number of clips of each class (each speaker says the same number of
-clips per class, and the utterance split applies one permutation to every class).
+clips per class, and the utterance split applies one permutation to every class). With `class_priors`
+(e.g. `MELD_PRIORS`) a split keeps its number of clips but divides it among the classes by the split's
+priors, the clips of a class going round the split's speakers: an imbalanced corpus like MELD.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +87,14 @@ _PEAK = 0.99
 _TILT_CORNER_HZ = 500.0
 _HIGHPASS_HZ = 60.0
 CORPUS = "synthetic"
+# MELD's class counts in LABELS order (DATASETS.md: neutral, joy, sadness, anger, surprise, fear, disgust), train
+# and test; dev takes train's. `generate(class_priors=...)` normalises them.
+MELD_PRIORS: dict[str, tuple[int, ...]] = {
+    "train": (4710, 1743, 683, 1109, 1205, 268, 271),
+    "dev": (4710, 1743, 683, 1109, 1205, 268, 271),
+    "test": (1256, 402, 208, 345, 281, 50, 68),
+}
+PRIORS = {"balanced": None, "meld": MELD_PRIORS}  # `data.synthetic_priors` names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +270,7 @@ def generate(
     splits: Sequence[tuple[str, float]] = (("train", 0.7), ("dev", 0.1), ("test", 0.2)),
     snr_db: tuple[float, float] = (10.0, 30.0),
     split_by: str = "speaker",
+    class_priors: Mapping[str, Sequence[float]] | None = None,
 ) -> list[Utterance]:
     """Write `n_per_class` clips of each of LABELS to out_dir/<split>/<utt_id>.wav and a manifest.
 
@@ -270,6 +281,10 @@ def generate(
     object per clip: the Utterance fields (path relative to out_dir), "description" (`describe`) and
     "params" (the sampled values, speaker f0/formant/rate/gain, seconds, snr_db). Byte-identical for
     equal arguments. Returns the Utterances with absolute paths.
+
+    class_priors: split name -> one weight per class of LABELS (normalised), for every split. A split then
+    keeps the clip count it has balanced but gives class c round(count * prior_c) clips (at least 1), said by
+    the split's speakers in turn (split_by="speaker") or by all speakers (split_by="utterance").
     """
     _check_arguments(n_per_class, speakers, seed, sample_rate, min_seconds, max_seconds, splits, snr_db, split_by)
     out_dir = Path(out_dir)
@@ -286,30 +301,59 @@ def generate(
         bounds = _bounds(fractions, n_per_class)
         ranked = np.argsort(order_rng.permutation(n_per_class))
         split_of = [names[np.searchsorted(bounds, ranked[i], side="right")] for i in range(n_per_class)]
+    # Every clip to make: (class index, clip index within the class, speaker index, split).
+    if class_priors is None:
+        clips = [(c, i, i % speakers, split_of[i]) for c in range(len(LABELS)) for i in range(n_per_class)]
+    else:
+        clips = _clips_by_priors(class_priors, names, split_of, n_per_class, speakers, split_by)
     for name in names:
         (out_dir / name).mkdir(parents=True, exist_ok=True)
     utterances, lines = [], []
-    for c, label in enumerate(LABELS):
-        for i in range(n_per_class):
-            rng = np.random.default_rng([seed, 3, c, i])
-            talker = talkers[i % speakers]
-            seconds = float(rng.uniform(min_seconds, max_seconds))
-            snr = float(rng.uniform(*snr_db))
-            prosody = sample_prosody(label, rng)
-            audio = synthesize(prosody, talker, seconds, snr, rng, sample_rate)
-            utt_id = f"{talker.speaker_id}_{label}_{i:04d}"
-            rel = f"{split_of[i]}/{utt_id}.wav"
-            sf.write(out_dir / rel, audio, sample_rate, subtype="PCM_16")
-            utt = Utterance(utt_id, str(out_dir / rel), label, talker.speaker_id, split_of[i], CORPUS)
-            utterances.append(utt)
-            params = {**prosody, "speaker_f0_hz": talker.f0_hz, "formant_scale": talker.formant_scale,
-                      "rate_scale": talker.rate_scale, "gain_db": talker.gain_db, "seconds": seconds,
-                      "snr_db": snr}
-            record = {**dataclasses.asdict(utt), "path": rel, "description": describe(prosody, snr),
-                      "params": {k: round(v, 6) for k, v in params.items()}}
-            lines.append(json.dumps(record, sort_keys=True))
+    for c, i, speaker, split in clips:
+        label = LABELS[c]
+        rng = np.random.default_rng([seed, 3, c, i])
+        talker = talkers[speaker]
+        seconds = float(rng.uniform(min_seconds, max_seconds))
+        snr = float(rng.uniform(*snr_db))
+        prosody = sample_prosody(label, rng)
+        audio = synthesize(prosody, talker, seconds, snr, rng, sample_rate)
+        utt_id = f"{talker.speaker_id}_{label}_{i:04d}"
+        rel = f"{split}/{utt_id}.wav"
+        sf.write(out_dir / rel, audio, sample_rate, subtype="PCM_16")
+        utt = Utterance(utt_id, str(out_dir / rel), label, talker.speaker_id, split, CORPUS)
+        utterances.append(utt)
+        params = {**prosody, "speaker_f0_hz": talker.f0_hz, "formant_scale": talker.formant_scale,
+                  "rate_scale": talker.rate_scale, "gain_db": talker.gain_db, "seconds": seconds,
+                  "snr_db": snr}
+        record = {**dataclasses.asdict(utt), "path": rel, "description": describe(prosody, snr),
+                  "params": {k: round(v, 6) for k, v in params.items()}}
+        lines.append(json.dumps(record, sort_keys=True))
     (out_dir / "manifest.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return utterances
+
+
+def _clips_by_priors(class_priors: Mapping[str, Sequence[float]], names: Sequence[str], split_of: Sequence[str],
+                     n_per_class: int, speakers: int, split_by: str) -> list[tuple[int, int, int, str]]:
+    """(class, clip index, speaker, split) of every clip when each split divides its balanced clip count among the
+    classes by its priors. Clip indices run on per class across splits (unique utterance ids)."""
+    missing = [n for n in names if n not in class_priors]
+    if missing or set(class_priors) - set(names):
+        raise ValueError(f"class_priors must name exactly the splits {list(names)}, got {sorted(class_priors)}")
+    next_index = [0] * len(LABELS)
+    clips = []
+    for name in names:
+        priors = np.asarray(class_priors[name], dtype=np.float64)
+        if priors.shape != (len(LABELS),) or np.any(priors < 0) or priors.sum() <= 0:
+            raise ValueError(f"class_priors[{name!r}] must be {len(LABELS)} non-negative weights (order {LABELS}), "
+                             f"got {class_priors[name]!r}")
+        rows = [i for i in range(n_per_class) if split_of[i] == name]  # the balanced clips of one class
+        voices = sorted({i % speakers for i in rows}) if split_by == "speaker" else list(range(speakers))
+        total = len(rows) * len(LABELS)
+        for c, count in enumerate(np.maximum(1, np.round(total * priors / priors.sum()).astype(np.int64))):
+            for j in range(int(count)):
+                clips.append((c, next_index[c], voices[j % len(voices)], name))
+                next_index[c] += 1
+    return clips
 
 
 def _bounds(fractions: np.ndarray, total: int) -> np.ndarray:
