@@ -140,14 +140,15 @@ def to_ours(hf_model, dtype: str = "float32"):
         return checkpoint.from_hf(d, dtype=dtype, param_dtype="float32")
 
 
-def audio_prompts(cfg: AudioLMConfig, num_prompts: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Unpadded prompts, each `TEXT_TOKENS` text ids, one full-window clip's audio slots, `TEXT_TOKENS` text ids.
+def audio_prompts(cfg: AudioLMConfig, num_prompts: int, seed: int = 0,
+                  text_tokens: int = TEXT_TOKENS) -> dict[str, np.ndarray]:
+    """Unpadded prompts, each `text_tokens` text ids, one full-window clip's audio slots, `text_tokens` text ids.
 
     prompt_ids/prompt_mask [B, T], input_features [B, mel, frames] (N(0, 1) "log-mel"), feature_mask [B, frames].
     """
     rng = np.random.default_rng(seed)
     n_audio, frames = cfg.audio.num_embeddings, cfg.audio.num_frames
-    text = lambda: rng.integers(cfg.audio_token_index + 1, cfg.text.vocab_size, TEXT_TOKENS)
+    text = lambda: rng.integers(cfg.audio_token_index + 1, cfg.text.vocab_size, text_tokens)
     ids = np.stack([np.concatenate([text(), np.full(n_audio, cfg.audio_token_index), text()])
                     for _ in range(num_prompts)]).astype(np.int32)
     return {"prompt_ids": ids, "prompt_mask": np.ones_like(ids),

@@ -179,7 +179,8 @@ def plan_programs(config, variant: str, mesh, layers: int | None):
     from emorl_jax.models.audio_lm import AudioLM
     from emorl_jax.models.lora import add_lora, split_trainable, zero_lora
     from emorl_jax.rl import stages
-    from emorl_jax.rl.steps import abstract_train_state, compute_dtype_copy, make_optimizer, train_state_shardings
+    from emorl_jax.rl.steps import (abstract_train_state, cast_to_compute_dtype, compute_dtype_copy, make_optimizer,
+                                    train_state_shardings)
     from emorl_jax.sharding import batch_sharding, param_shardings, per_device_bytes
 
     param_dtype, mu_dtype, offload, rank = VARIANTS[variant]
@@ -206,6 +207,7 @@ def plan_programs(config, variant: str, mesh, layers: int | None):
     shardings = train_state_shardings(tx, params, mesh, offload=offload)
     reference = place(jax.eval_shape(zero_lora, params) if rank else
                       jax.eval_shape(lambda p: compute_dtype_copy(graphdef, p, frozen), params))
+    rollout = place(jax.eval_shape(lambda p: cast_to_compute_dtype(graphdef, p, frozen), params))
     programs = stages.build_grpo_programs(rl, graphdef, tx, mesh, shardings, eos_ids=(1,), pad_id=0, seed=0)
 
     a, b, g, m, n = cfg.audio, rl.batch_size, rl.group_size, rl.micro_batches, rl.max_new_tokens
@@ -218,7 +220,7 @@ def plan_programs(config, variant: str, mesh, layers: int | None):
     batch = dict(zip(stages.LOGP_KEYS, (*prompts(b), sds((b * g, n), jnp.int32), sds((b * g, n), jnp.int32))))
     train_batch = {**batch, "advantages": sds((b * g,), jnp.float32), "weights": sds((b * g,), jnp.float32),
                    "ref_logps": sds((b * g, n), jnp.float32)}
-    args = {"sample": ((state.params, frozen), *prompts(b // m), sds(keys.shape, keys.dtype)),
+    args = {"sample": ((rollout, frozen), *prompts(b // m), sds(keys.shape, keys.dtype)),  # the step's bf16 copy
             "logps": (reference, frozen, batch),
             "update": (state, frozen, train_batch)}
     opt_device = 0 if offload else per_device_bytes(state.opt_state)
@@ -226,8 +228,9 @@ def plan_programs(config, variant: str, mesh, layers: int | None):
                 "optimizer_host": per_device_bytes(state.opt_state) - opt_device,
                 # full: the bf16 copy; LoRA: zeroed adapters (the reference is them + the frozen base)
                 "reference": per_device_bytes(reference), "frozen": per_device_bytes(frozen)}
-    # bytes of each phase's arguments that are resident state (the rest is the batch)
-    state_args = {"sample": resident["params"] + resident["frozen"],
+    # bytes of each phase's arguments that are resident state (the rest is the batch; the sampler's weights, a copy
+    # made for the step's rollouts beside the resident state, count as its batch)
+    state_args = {"sample": resident["frozen"],
                   "logps": resident["reference"] + resident["frozen"],
                   "update": resident["params"] + opt_device + resident["frozen"]}
     return programs, args, resident, state_args
@@ -515,14 +518,18 @@ def hbm_bytes(config, rl: dict, variant: str, chips: int, w: dict) -> dict:
     sp, smu = (4 if param_dtype == "float32" else 2), (2 if mu_dtype else 4 if param_dtype == "float32" else 2)
     text = config.model.text
     m, n, g, t = rl["micro_batches"], rl["max_new_tokens"], rl["group_size"], max(config.data.length_buckets)
-    run, dec = (w["audio"] + w["decoder"] + w["lm_head"]) * sp, (w["decoder"] + w["lm_head"]) * sp
-    rows = rl["batch_size"] // m * g / chips
-    kv = text.num_hidden_layers * 2 * (t + n) * text.num_key_value_heads * (text.hidden_size //
-                                                                             text.num_attention_heads) * 2 * rows
-    ref = (w["audio"] + w["decoder"] + w["lm_head"]) * (4 if rank else 2)  # LoRA: the fp32 frozen base
+    # the sampler reads the step's copy in the compute dtype (bf16; LoRA: the base as stored)
+    rollout = 4 if rank and param_dtype == "float32" else 2
+    weights = w["audio"] + w["decoder"] + w["lm_head"]
+    run, dec = weights * rollout, (w["decoder"] + w["lm_head"]) * rollout
+    prompts = rl["batch_size"] // m / chips
+    slots = prompts * t + prompts * g * n  # the prompt's KV once per prompt, each rollout's own slots per row
+    kv = text.num_hidden_layers * 2 * slots * text.num_key_value_heads * (text.hidden_size //
+                                                                          text.num_attention_heads) * 2
+    ref = weights * (4 if rank else 2)  # LoRA: the fp32 frozen base
     trained = 0 if rank else sum(w.values()) / chips  # LoRA adapters: negligible
     return {"prefill": run, "decode_step": dec + kv, "logps": m * ref,
-            "update": m * 3 * run + trained * (2 * sp + 2 * 4 + 2 * smu + 2 * 4)}
+            "update": m * 3 * weights * sp + trained * (2 * sp + 2 * 4 + 2 * smu + 2 * 4)}
 
 
 def step_figures(plan: dict, s: Slice, flops: dict | None, hbm: dict, rl: dict) -> dict:

@@ -1,11 +1,12 @@
-"""Rollout throughput: our jitted sampler vs transformers `generate` on the same random tiny model.
+"""Rollout throughput on a GRPO-shaped workload: our jitted sampler vs transformers `generate`, same random model.
 
-G=8 sampled completions of exactly 64 new tokens (no EOS) for each of 4 prompts with a 10 s clip, temperature 1,
-no top-k/top-p, on CPU. Prints tokens/s (generated tokens / wall seconds, median of the repeats after a warm-up;
-compile time separately). transformers runs in the same process with the same weights; it repeats each prompt
-(and its audio) G times before its prefill, as `num_return_sequences` does. Torch runs with 1 thread and with
-one thread per CPU; the faster is the reference (on a shared machine OpenMP threads can stall badly). Ours and
-the torch variants are timed round-robin, so that load changes on a shared machine hit them alike.
+8 prompts, each a 10 s clip (250 audio slots) between 60 + 60 text tokens (the ESR instruction's share: 370-token
+prompts), G=6 sampled completions of exactly 128 new tokens (no EOS), temperature 1, no top-k/top-p, on CPU.
+Prints tokens/s (generated tokens / wall seconds, median of the repeats after a warm-up; compile time
+separately). transformers runs in the same process with the same weights, `num_return_sequences=6` (it repeats
+each prompt and its audio G times before its prefill). Torch runs with 1 thread and with one thread per CPU; the
+faster is the reference (on a shared machine OpenMP threads can stall badly). Ours and the torch variants are
+timed round-robin, so that load changes on a shared machine hit them alike.
 
     python benchmarks/rollouts.py [--quick] [--repeats 5]
 """
@@ -41,15 +42,15 @@ def hf_generate_fn(hf, batch, group_size: int, new_tokens: int):
 
 def main():
     args = common.parse_args(__doc__.splitlines()[0])
-    prompts, group, new = (2, 4, 16) if args.quick else (4, 8, 64)
+    prompts, group, new, text = (2, 3, 16, 10) if args.quick else (8, 6, 128, 60)
     cfg = common.BENCH
     print(common.machine_info(torch_threads=os.cpu_count()))
     print(f"setup: {prompts} prompts x G={group}, {new} new tokens, {cfg.audio.num_frames // 100} s audio "
-          f"({cfg.audio.num_embeddings} audio slots, prompt {cfg.audio.num_embeddings + 2 * common.TEXT_TOKENS} "
+          f"({cfg.audio.num_embeddings} audio slots, prompt {cfg.audio.num_embeddings + 2 * text} "
           f"tokens), tiny model, fp32")
     hf = common.make_hf_model(cfg)
     model = common.to_ours(hf)
-    batch = common.audio_prompts(cfg, prompts)
+    batch = common.audio_prompts(cfg, prompts, text_tokens=text)
     tokens = prompts * group * new
 
     graphdef, state = nnx.split(model)

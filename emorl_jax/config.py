@@ -240,6 +240,10 @@ def base_run_config():
         "std_ddof": 0,
         "skip_uniform_groups": True,  # groups whose rewards all equal give no gradient (no KL pull either)
         "mask_truncated": True,       # completions without EOS give no gradient
+        # Log-prob passes project onto the vocabulary this many entries at a time (policy.head_logps): the fp32
+        # logits [rows, N, V] are never whole (7B: 7.7 GB at 48 x 256 x 156032). 0 = all at once.
+        "logps_chunk": 16384,
+        "top_p_candidates": 1024,     # top-p picks its nucleus among this many top logits (exact fallback)
     })
     c.reward = ml_collections.ConfigDict({
         "accuracy": "eswr",          # eswr | binary (ablation)

@@ -245,7 +245,10 @@ class Trainer:
             first = programs.update.compiles == 0
             batch = next(iterator)
             policy = (state.params, self.frozen)
-            rollouts = stages.rollout(policy, batch, self._global_step("grpo", step))
+            # The sampler reads a copy in the compute dtype (bf16 at 7B: half the bytes per decode step).
+            rollout_policy = (programs.rollout_weights(state.params, self.frozen), self.frozen)
+            rollouts = stages.rollout(rollout_policy, batch, self._global_step("grpo", step))
+            del rollout_policy
             scored = stages.score(rollouts, batch, step)
             advantages, weights = stages.advantages(scored["total"], rollouts.truncated)
             train_batch = stages.train_batch(batch, rollouts, advantages, weights)

@@ -31,8 +31,8 @@ def run_quick(script: str) -> str:
 @pytest.mark.parametrize("script, expected", [
     ("rollouts.py", ["rollout tokens/s (CPU, steady state)"]),
     ("train_step.py", ["GRPO train step completion tokens/s (CPU)"]),
-    ("scaling.py", ["decode ms/step max/min over lengths 32..64",
-                    "rollout tokens/s, prefill once + tile vs prefill per rollout (G=4, 32 tokens)"]),
+    ("scaling.py", ["decode ms/step at 64 vs 32 new tokens",
+                    "rollout tokens/s, shared prompt vs prefill per rollout (G=4, 32 tokens)"]),
     ("compiles.py", ["compilations per jitted loop function over 2 steps (max)", "compilations in all 2 steps"]),
     ("memory_7b.py", ["memory_7b quick 8_CPU_devices full_fp32 need GiB/device"]),
 ])

@@ -22,7 +22,7 @@ from emorl_jax.sharding import batch_sharding
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("neutral", "happy", "sad", "angry")
 BUCKETS = (512, 1152)  # the tiny tokenizer spends ~314 tokens on the template and ESR instruction
-PROGRAMS = {"keys", "sample", "logps", "grpo_update", "advantages"}
+PROGRAMS = {"keys", "rollout_weights", "sample", "logps", "grpo_update", "advantages"}
 
 
 def _corpus(root: Path) -> Path:
@@ -84,19 +84,19 @@ def test_grpo_compiles_each_program_once_per_bucket(tmp_path):
     seen = {sig[1][-5][0][1] for sig in programs["sample"].compiled}  # the prompt buckets GRPO used
     assert seen <= set(BUCKETS) and len(seen) >= 1
     for name, program in programs.items():
-        per_bucket = 1 if name in ("keys", "advantages") else len(seen)
+        per_bucket = 1 if name in ("keys", "advantages", "rollout_weights") else len(seen)
         assert program.compiles <= per_bucket, (name, program.compiles, seen)
     # JAX's own log agrees, and nothing else compiled: no eager op ran on a device array during 8 steps.
     counts = {name: handler.names.count(f"jit({name})") for name in PROGRAMS}
-    assert counts == {"keys": 1, "advantages": 1, "sample": len(seen), "logps": len(seen),
+    assert counts == {"keys": 1, "advantages": 1, "rollout_weights": 1, "sample": len(seen), "logps": len(seen),
                       "grpo_update": len(seen)}, handler.names
     # Besides them, only the stage's set-up compiles, at most once each: the reference copy, the fresh train state,
     # and the scalar optax creates when it maps the optimizer state onto the params' shardings (compiled already if
     # an earlier test in the process made the same scalar).
     others = [n for n in handler.names if n.removeprefix("jit(").removesuffix(")") not in PROGRAMS]
     assert len(others) == len(set(others)), others
-    assert {"jit(cast_to_compute_dtype)", "jit(fresh_train_state)"} <= set(others) <= {
-        "jit(cast_to_compute_dtype)", "jit(convert_element_type)", "jit(fresh_train_state)"}, others
+    assert {"jit(cast_to_compute_dtype_copy)", "jit(fresh_train_state)"} <= set(others) <= {
+        "jit(cast_to_compute_dtype_copy)", "jit(convert_element_type)", "jit(fresh_train_state)"}, others
 
     # The compiled update takes the batch sharded over ('data', 'fsdp') and the state sharded like the params.
     update = next(iter(programs["update"].compiled.values()))
@@ -105,6 +105,15 @@ def test_grpo_compiles_each_program_once_per_bucket(tmp_path):
     for name, s in batch_in.items():
         ndim = rank.get(name, 2)
         assert s.is_equivalent_to(batch_sharding(trainer.mesh, ndim), ndim), (name, s)
+    # The sampler's weights: the params in bf16 (the 7B config's compute dtype), sharded like them.
+    cast = next(iter(programs["rollout_weights"].compiled.values()))
+    params_in = cast.input_shardings[0][0]
+    outs = jax.tree.leaves(cast.out_info)
+    nbytes = lambda o: o.size * o.dtype.itemsize
+    bf16 = sum(nbytes(o) for o in outs if o.dtype == jax.numpy.bfloat16)
+    assert bf16 > 0.95 * sum(map(nbytes, outs))  # all but the encoder's LayerNorm params (read in fp32)
+    for o, s_in, s_out in zip(outs, jax.tree.leaves(params_in), jax.tree.leaves(cast.output_shardings)):
+        assert s_out.is_equivalent_to(s_in, o.ndim)
     mu = jax.tree.leaves(state_in.opt_state[1][0].mu)
     assert any(not s.is_fully_replicated for s in mu)
     report = json.loads((tmp_path / "run" / "memory.json").read_text())

@@ -35,17 +35,29 @@ def test_cached_decoding_equals_full_forward():
     assert int(cache.index) == 12 and np.array_equal(np.asarray(cache.mask[:, :12]), np.asarray(amask))
 
 
-def test_tiled_cache_continues_each_row_identically():
+def test_group_cache_over_a_shared_prompt_continues_each_row_identically():
+    """Cascade attention: rows b*G + r of a cache whose `prefix` is prompt b's cache (stored once) continue that
+    prompt exactly as a cache holding the prompt in its own slots does."""
     model = AudioLM(TINY, rngs=nnx.Rngs(2))
-    ids = jnp.array([[11, 12, 13, 14], [21, 22, 23, 24]])
-    _, cache = model(ids, cache=KVCache.init(TINY, 2, 8))
-    tiled = cache.tile(3)
-    nxt = jnp.array([[30], [30], [30], [40], [40], [40]])
-    logits, _ = model(nxt, cache=tiled)
-    _, single = model(ids[1:], cache=KVCache.init(TINY, 1, 8))
-    ref, _ = model(jnp.array([[40]]), cache=single)
-    np.testing.assert_allclose(np.asarray(logits[3:]), np.broadcast_to(np.asarray(ref), (3, 1, ref.shape[-1])),
-                               rtol=1e-5, atol=1e-6)
+    ids = jnp.array([[0, 12, 13, 14], [21, 22, 23, 24]])
+    amask = jnp.array([[0, 1, 1, 1], [1, 1, 1, 1]])  # row 0 left-padded
+    positions = jnp.clip(jnp.cumsum(amask, -1) - 1, 0)
+    _, prompt = model(ids, attention_mask=amask, positions=positions, cache=KVCache.init(TINY, 2, 4))
+    group = KVCache.init(TINY, 6, 3, prefix=prompt)
+    steps = [jnp.array([[30], [31], [32], [40], [41], [42]]), jnp.array([[50], [51], [52], [60], [61], [62]])]
+    got = []
+    for k, nxt in enumerate(steps):
+        pos = jnp.repeat(positions[:, -1:] + 1 + k, 3, axis=0)
+        logits, group = model(nxt, positions=pos, cache=group)
+        got.append(logits)
+    for row in range(6):
+        b = row // 3
+        _, single = model(ids[b:b + 1], attention_mask=amask[b:b + 1], positions=positions[b:b + 1],
+                          cache=KVCache.init(TINY, 1, 6))
+        for k, nxt in enumerate(steps):
+            ref, single = model(nxt[row:row + 1], positions=positions[b:b + 1, -1:] + 1 + k, cache=single)
+            np.testing.assert_allclose(np.asarray(got[k][row]), np.asarray(ref[0]), rtol=1e-5, atol=1e-6)
+    assert group.k.shape[1:] == (6, TINY.text.num_key_value_heads, 3, TINY.text.head_dim)  # own slots only
 
 
 def _hlo_size(layers: int) -> int:

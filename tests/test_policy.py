@@ -1,10 +1,12 @@
-"""Completion log-probs (prompt embedded once, tiled to G) equal log-softmax of the full forward."""
+"""Completion log-probs (the prompt run once for its G completions) equal log-softmax of the full forward, in
+value and gradient."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from emorl_jax.config import TINY
@@ -63,3 +65,43 @@ def test_logps_at_the_rollout_temperature_equal_the_samplers():
     np.testing.assert_allclose(np.asarray(got), np.asarray(roll.logps) * mask, rtol=1e-5, atol=1e-6)
     untempered = completion_logps(model, prompt, pmask, feats, fmask, roll.tokens, roll.mask, group_size=g)
     assert np.abs(np.asarray(untempered) - np.asarray(got)).max() > 1e-2
+
+
+def test_prompt_once_gradients_equal_the_tiled_forward():
+    """The grouped pass (prompt run once for its G completions) has the gradients of running every concatenated
+    [prompt, completion] row through the model, left-padded prompts and early EOS included."""
+    model = AudioLM(TINY, rngs=nnx.Rngs(7))
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(3)
+    frames, n_audio, g, n = TINY.audio.num_frames, TINY.audio.num_embeddings, 3, 4
+    feats = rng.normal(size=(2, TINY.audio.num_mel_bins, frames)).astype(np.float32)
+    fmask = np.ones((2, frames), np.int32)
+    prompt = np.array([[0, 0, 11, *[TINY.audio_token_index] * n_audio, 12],
+                       [13, 14, 15, *[TINY.audio_token_index] * n_audio, 16]], np.int32)
+    pmask = (prompt != 0).astype(np.int32)
+    comps = rng.integers(10, 500, (2 * g, n)).astype(np.int32)
+    cmask = np.ones((2 * g, n), np.int32)
+    cmask[2, 2:] = 0
+    weights = jnp.asarray(rng.normal(size=(2 * g, n)), jnp.float32)
+
+    def grouped(params):
+        m = nnx.merge(graphdef, params)
+        return jnp.sum(weights * completion_logps(m, prompt, pmask, feats, fmask, comps, cmask, group_size=g,
+                                                  temperature=0.8))
+
+    def tiled(params):
+        m = nnx.merge(graphdef, params)
+        seq = np.concatenate([np.repeat(prompt, g, 0), comps], 1)
+        am = np.concatenate([np.repeat(pmask, g, 0), cmask], 1)
+        pos = np.maximum(np.cumsum(am, -1) - 1, 0)
+        logits = m(jnp.asarray(seq), np.repeat(feats, g, 0), np.repeat(fmask, g, 0), jnp.asarray(am),
+                   jnp.asarray(pos))[:, prompt.shape[1] - 1:-1] / 0.8
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), comps[..., None], -1)[..., 0]
+        return jnp.sum(weights * logp * cmask)
+
+    value, grads = jax.value_and_grad(grouped)(params)
+    want_value, want = jax.value_and_grad(tiled)(params)
+    assert float(value) == pytest.approx(float(want_value), rel=1e-5)
+    for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        scale = float(jnp.abs(ref).max()) + 1e-12
+        np.testing.assert_allclose(got, ref, atol=1e-5 * scale, rtol=1e-4)

@@ -80,6 +80,26 @@ def test_greedy_equals_argmax_of_full_forward_and_stops_at_any_eos(model):
     assert not np.asarray(out.truncated).any()
 
 
+def test_greedy_group_rows_share_the_prompt_and_equal_the_full_forward(model):
+    """G greedy rows over one stored prompt (left-padded prompts, two EOS ids) each equal argmax decoding of the
+    uncached full forward, with the model's own log-probs."""
+    ids, mask, feats, fmask = _batch(TINY, seed=4)
+    free = _reference_greedy(model, ids, mask, feats, fmask, 8, eos=())
+    eos = (free[0][3], free[1][5])
+    expected = _reference_greedy(model, ids, mask, feats, fmask, 8, eos=eos)
+    graphdef, state = nnx.split(model)
+    g = 3
+    out = make_sampler(graphdef, group_size=g, eos_ids=eos, pad_id=PAD,
+                       params=SamplingParams(max_new_tokens=8, temperature=0.0))(
+        (state,), ids, mask, feats, fmask, rollout_keys(jax.random.key(0), 2, g))
+    for row in range(2 * g):
+        want = expected[row // g]
+        assert list(np.asarray(out.tokens[row, :len(want)])) == want
+        assert int(np.asarray(out.mask[row]).sum()) == len(want)
+    np.testing.assert_allclose(np.asarray(out.logps[1:g]), np.broadcast_to(np.asarray(out.logps[0]), (g - 1, 8)),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_group_rollouts_equal_separate_runs_with_same_keys(model):
     ids, mask, feats, fmask = _batch(TINY, seed=1)
     params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50)
@@ -95,8 +115,9 @@ def test_group_rollouts_equal_separate_runs_with_same_keys(model):
                          keys[b * g + r][None])
             row = b * g + r
             assert np.array_equal(np.asarray(one.tokens[0]), np.asarray(group.tokens[row]))
-            # batch 1 vs G rows: XLA:CPU may sum in another order (measured up to 4.5e-6 relative)
-            np.testing.assert_allclose(np.asarray(one.logps[0]), np.asarray(group.logps[row]), rtol=1e-5, atol=1e-6)
+            # batch 1 vs G rows: XLA:CPU sums in another order; with the weights x5 (logits ~10x larger) the
+            # shared-prompt attention measured up to 1.3e-5 relative (4.5e-6 with a tiled cache)
+            np.testing.assert_allclose(np.asarray(one.logps[0]), np.asarray(group.logps[row]), rtol=2e-5, atol=1e-6)
     assert len({tuple(np.asarray(group.tokens[r])) for r in range(g)}) > 1  # rollouts differ
 
 

@@ -13,38 +13,40 @@ from emorl_jax.sharding import constrain
 
 HIDDEN = ("batch", "length", "embed")  # logical axes of the hidden states [B, T, d]
 KV = ("batch", "length", "kv_heads", None)  # of keys/values [B, T, kv_heads, head_dim]
+CACHE_KV = ("layers", "batch", "kv_heads", "length", None)  # of the cache [layers, B, kv_heads, S, head_dim]
 
 
 @flax.struct.dataclass
 class KVCache:
     """Keys/values of every layer for `length` slots, and which slots hold a real (non-pad) token.
 
-    k, v:  [layers, B, length, kv_heads, head_dim] in the compute dtype.
-    mask:  [B, length] int32, 1 where a real token was written.
-    index: [] int32, the next slot to write.
+    k, v:   [layers, B, kv_heads, length, head_dim] in the compute dtype: per (row, head) the slots are the rows
+            of a [length, head_dim] matrix, as the decode dots read them (no transpose), and a step writes one
+            slot of every layer in place (`Attention.cached`).
+    mask:   [B, length] int32, 1 where a real token was written.
+    index:  [] int32, the next slot to write.
+    prefix: None, or the cache of a shared prompt that every group of B / prefix.B consecutive rows continues
+            (row b*G + r continues prefix row b): stored once per prompt, attended to before the own slots.
     """
 
     k: jax.Array
     v: jax.Array
     mask: jax.Array
     index: jax.Array
+    prefix: KVCache | None = None
 
     @classmethod
-    def init(cls, cfg: AudioLMConfig, batch: int, length: int) -> KVCache:
+    def init(cls, cfg: AudioLMConfig, batch: int, length: int, prefix: KVCache | None = None) -> KVCache:
         t = cfg.text
-        shape = (t.num_hidden_layers, batch, length, t.num_key_value_heads, t.head_dim)
+        shape = (t.num_hidden_layers, batch, t.num_key_value_heads, length, t.head_dim)
         zeros = jnp.zeros(shape, cfg.compute_dtype)
-        return cls.constrained(zeros, zeros, jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+        return cls.constrained(zeros, zeros, jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32), prefix)
 
     @classmethod
-    def constrained(cls, k, v, mask, index) -> KVCache:
+    def constrained(cls, k, v, mask, index, prefix=None) -> KVCache:
         """A cache whose k/v/mask carry the activation constraints (batch, and kv_heads for k/v)."""
-        return cls(constrain(k, (None, *KV)), constrain(v, (None, *KV)), constrain(mask, ("batch", "length")), index)
-
-    def tile(self, n: int) -> KVCache:
-        """Repeats every row `n` times (row b -> rows b*n .. b*n+n-1): one prefill shared by n rollouts."""
-        return KVCache.constrained(jnp.repeat(self.k, n, axis=1), jnp.repeat(self.v, n, axis=1),
-                                   jnp.repeat(self.mask, n, axis=0), self.index)
+        layout = (None, *CACHE_KV[1:])
+        return cls(constrain(k, layout), constrain(v, layout), constrain(mask, ("batch", "length")), index, prefix)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -71,21 +73,94 @@ class Attention(nnx.Module):
         self.heads, self.kv_heads, self.head_dim, self.theta = (
             t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.rope_theta)
 
-    def __call__(self, x, positions, mask, kv=None, index=None):
-        """x [B, T, d]; mask [B, T, S] bool (query t may see key s). With `kv` = (k, v) cache slices
-        [B, S, kv_heads, head_dim], the new keys/values are written at `index` and attention runs over all S
-        slots; returns (out [B, T, d], (k, v))."""
+    def _qkv(self, x, positions):
+        """q [B, T, heads, head_dim], k and v [B, T, kv_heads, head_dim] of x [B, T, d] (RoPE applied)."""
+        b, t, _ = x.shape
+        q = rope(self.q_proj(x).reshape(b, t, self.heads, self.head_dim), positions, self.theta)
+        k = rope(self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim), positions, self.theta)
+        return q, k, self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+
+    def __call__(self, x, positions, mask):
+        """x [B, T, d]; mask [B, T, T] bool (query t may see key s). Returns (out [B, T, d], (k, v)) with k, v
+        [B, T, kv_heads, head_dim]."""
         b, t, _ = x.shape
         heads = ("batch", "length", "heads", None)
-        q = constrain(rope(self.q_proj(x).reshape(b, t, self.heads, self.head_dim), positions, self.theta), heads)
-        k = constrain(rope(self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim), positions, self.theta), KV)
-        v = constrain(self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim), KV)
-        if kv is not None:
-            k = constrain(jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1), KV)
-            v = constrain(jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1), KV)
+        q, k, v = self._qkv(x, positions)
+        q, k, v = constrain(q, heads), constrain(k, KV), constrain(v, KV)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=self.head_dim**-0.5)
         out = constrain(out, heads)
         return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), (k, v)
+
+    def cached(self, x, positions, mask, cache_k, cache_v, layer, index, prefix=None):
+        """x [B, T, d] written at slot `index` of layer `layer` of the whole cache (k, v [layers, B, kv_heads, S,
+        head_dim], updated in place), then attending over that layer's S slots; mask [B, T, S] bool.
+
+        prefix: None, or (k, v [layers, P, kv_heads, T_p, head_dim], mask [P, T_p] bool) of a prompt shared by
+        G = B / P consecutive rows (cascade attention): every query also attends to its prompt's slots, stored
+        once, one softmax over both (merged by their log-sum-exp). Returns (out [B, T, d], cache_k, cache_v)."""
+        b, t, _ = x.shape
+        rep = self.heads // self.kv_heads
+        q, k, v = self._qkv(x, positions)
+        start = (layer, 0, 0, index, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3)[None].astype(cache_k.dtype), start)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3)[None].astype(cache_v.dtype), start)
+        keys = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False)  # [B, kv_heads, S, head_dim]
+        values = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False)
+        q = q.reshape(b, t, self.kv_heads, rep, self.head_dim).astype(keys.dtype)
+        # einsum outputs in dot_general's own order (batch dims, then free dims): no transpose of the scores
+        scale, low = self.head_dim**-0.5, jnp.finfo(jnp.float32).min
+        scores = jnp.einsum("btkrd,bksd->bktrs", q, keys, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask[:, None, :, None], scores, low)
+        if prefix is None:
+            probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+            out = jnp.einsum("bktrs,bksd->btkrd", probs, values).astype(x.dtype)
+            return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), cache_k, cache_v
+        prompt_k, prompt_v, prompt_mask = prefix
+        p = prompt_mask.shape[0]
+        g = b // p
+        pk = jax.lax.dynamic_index_in_dim(prompt_k, layer, keepdims=False)  # [P, kv_heads, T_p, head_dim]
+        pv = jax.lax.dynamic_index_in_dim(prompt_v, layer, keepdims=False)
+        qg = q.reshape(p, g, t, self.kv_heads, rep, self.head_dim)
+        shared = jnp.einsum("pgtkrd,pksd->pkgtrs", qg, pk, preferred_element_type=jnp.float32) * scale
+        shared = jnp.where(prompt_mask[:, None, None, None, None, :], shared, low)
+        # one softmax over [prompt slots, own slots]: a common max, then both parts' exponentials and sums
+        top = jnp.maximum(scores.max(-1), shared.max(-1).transpose(0, 2, 1, 3, 4).reshape(b, self.kv_heads, t, rep))
+        own = jnp.exp(scores - top[..., None])
+        top_shared = top.reshape(p, g, self.kv_heads, t, rep).transpose(0, 2, 1, 3, 4)
+        shared = jnp.exp(shared - top_shared[..., None])
+        total = own.sum(-1) + shared.sum(-1).transpose(0, 2, 1, 3, 4).reshape(b, self.kv_heads, t, rep)
+        out = jnp.einsum("bktrs,bksd->bktrd", own.astype(values.dtype), values, preferred_element_type=jnp.float32)
+        out_shared = jnp.einsum("pkgtrs,pksd->pkgtrd", shared.astype(pv.dtype), pv,
+                                preferred_element_type=jnp.float32)
+        out = out + out_shared.transpose(0, 2, 1, 3, 4, 5).reshape(b, self.kv_heads, t, rep, self.head_dim)
+        out = (out / total[..., None]).transpose(0, 2, 1, 3, 4).astype(x.dtype)  # [B, T, kv_heads, rep, head_dim]
+        return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), cache_k, cache_v
+
+    def grouped(self, x, positions, prompt_kv, prompt_mask, mask, group_size: int):
+        """Completions attending to their shared prompt's keys/values without tiling them (`Qwen2Model.grouped`).
+
+        x [B*G, N, d] (row b*G + r continues prompt b); prompt_kv (k, v) [B, T, kv_heads, head_dim];
+        prompt_mask [B, T] bool (real prompt tokens); mask [B*G, N, N] bool (completion query n may see
+        completion key m). One softmax over the T prompt keys and the N completion keys. Returns [B*G, N, d]."""
+        rows, n, _ = x.shape
+        b, g, rep = rows // group_size, group_size, self.heads // self.kv_heads
+        q = rope(self.q_proj(x).reshape(rows, n, self.heads, self.head_dim), positions, self.theta)
+        k = rope(self.k_proj(x).reshape(rows, n, self.kv_heads, self.head_dim), positions, self.theta)
+        v = self.v_proj(x).reshape(rows, n, self.kv_heads, self.head_dim)
+        q = q.reshape(b, g, n, self.kv_heads, rep, self.head_dim)
+        k, v = (a.reshape(b, g, n, self.kv_heads, self.head_dim) for a in (k, v))
+        pk, pv = prompt_kv
+        scale = self.head_dim**-0.5
+        to_prompt = jnp.einsum("bgnkrd,btkd->bgkrnt", q, pk, preferred_element_type=jnp.float32) * scale
+        to_own = jnp.einsum("bgnkrd,bgmkd->bgkrnm", q, k, preferred_element_type=jnp.float32) * scale
+        keep = jnp.concatenate([jnp.broadcast_to(prompt_mask[:, None, None, None, None, :], to_prompt.shape),
+                                jnp.broadcast_to(mask.reshape(b, g, 1, 1, n, n), to_own.shape)], axis=-1)
+        scores = jnp.where(keep, jnp.concatenate([to_prompt, to_own], axis=-1), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        t = pk.shape[1]
+        out = (jnp.einsum("bgkrnt,btkd->bgnkrd", probs[..., :t], pv)
+               + jnp.einsum("bgkrnm,bgmkd->bgnkrd", probs[..., t:], v))
+        return self.o_proj(out.reshape(rows, n, self.heads * self.head_dim))
 
 
 class MLP(nnx.Module):
@@ -111,12 +186,30 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.text.hidden_size, **norm)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, kv=None, index=None):
+    def __call__(self, x, positions, mask):
         """x [B, T, d] -> (x [B, T, d], (k, v)); see `Attention`."""
         x = constrain(x, HIDDEN)
-        h, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, index)
-        x = x + h
-        return constrain(x + self.mlp(self.post_attention_layernorm(x)), HIDDEN), kv
+        h, kv = self.self_attn(self.input_layernorm(x), positions, mask)
+        return self._mlp_block(x + h), kv
+
+    def cached(self, x, positions, mask, cache_k, cache_v, layer, index, prefix=None):
+        """x [B, T, d] -> (x, cache_k, cache_v); see `Attention.cached`."""
+        x = constrain(x, HIDDEN)
+        h, cache_k, cache_v = self.self_attn.cached(self.input_layernorm(x), positions, mask, cache_k, cache_v,
+                                                    layer, index, prefix)
+        return self._mlp_block(x + h), cache_k, cache_v
+
+    def grouped(self, prompt, completion, prompt_positions, positions, prompt_mask, prompt_key_mask, mask,
+                group_size: int):
+        """The layer on a prompt [B, T, d] (causal, `prompt_mask` [B, T, T]) and its G completions [B*G, N, d]
+        (`Attention.grouped`): (prompt, completion) out."""
+        prompt, kv = self(prompt, prompt_positions, prompt_mask)
+        completion = constrain(completion, HIDDEN)
+        h = self.self_attn.grouped(self.input_layernorm(completion), positions, kv, prompt_key_mask, mask, group_size)
+        return prompt, self._mlp_block(completion + h)
+
+    def _mlp_block(self, x):
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), HIDDEN)
 
 
 class Qwen2Model(nnx.Module):
@@ -136,7 +229,8 @@ class Qwen2Model(nnx.Module):
         """embeds [B, T, d], positions [B, T] int, attention_mask [B, T] (1 = real token).
 
         Without a cache: causal attention over the T tokens. With one: the T tokens are written at
-        `cache.index` and attend to every earlier real slot. Returns (hidden [B, T, d], updated cache).
+        `cache.index` and attend to every earlier real slot (after the real slots of `cache.prefix`, the shared
+        prompt, if any). Returns (hidden [B, T, d], updated cache).
         """
         t = embeds.shape[1]
         if cache is None:
@@ -150,6 +244,33 @@ class Qwen2Model(nnx.Module):
         query_slot = cache.index + jnp.arange(t)
         mask = (jnp.arange(slots)[None, :] <= query_slot[:, None])[None] & kv_mask.astype(bool)[:, None, :]
 
-        step = lambda layer, h, kv: layer(h, positions, mask, kv, cache.index)
-        x, (k, v) = scan_layers(self.layers, step, embeds, (cache.k, cache.v), remat=self.remat)
-        return self.norm(x), KVCache.constrained(k, v, kv_mask, cache.index + t)
+        prefix = None if cache.prefix is None else (cache.prefix.k, cache.prefix.v, cache.prefix.mask.astype(bool))
+
+        def step(layer, carry, number):  # the whole cache rides in the carry: each layer writes its slots in place
+            return layer.cached(*carry[:1], positions, mask, *carry[1:], number, cache.index, prefix), None
+
+        layers = cache.k.shape[0]
+        (x, k, v), _ = scan_layers(self.layers, step, (embeds, cache.k, cache.v), jnp.arange(layers),
+                                   remat=self.remat)
+        return self.norm(x), KVCache.constrained(k, v, kv_mask, cache.index + t, cache.prefix)
+
+    def grouped(self, prompt: jax.Array, prompt_mask: jax.Array, completion: jax.Array, completion_mask: jax.Array,
+                group_size: int) -> tuple[jax.Array, jax.Array]:
+        """A prompt run once for the G completions that continue it: prompt embeds [B, T, d] (left-padded,
+        prompt_mask [B, T]) and completion embeds [B*G, N, d] (completion_mask [B*G, N], row b*G + r continues
+        prompt b). Equal to running each concatenated row [prompt b, completion r] causally (positions count real
+        tokens), at T + G*N instead of G*(T + N) tokens. Returns final-norm hidden states (prompt [B, T, d],
+        completions [B*G, N, d])."""
+        t, n = prompt.shape[1], completion.shape[1]
+        real = prompt_mask.astype(bool)
+        prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
+        causal_prompt = jnp.tril(jnp.ones((t, t), bool))[None] & real[:, None, :]
+        before = jnp.repeat(prompt_mask.sum(-1, keepdims=True), group_size, axis=0)  # real prompt tokens per row
+        positions = before + jnp.maximum(jnp.cumsum(completion_mask, axis=-1) - 1, 0)
+        causal = jnp.tril(jnp.ones((n, n), bool))[None] & completion_mask.astype(bool)[:, None, :]
+
+        def step(layer, carry, _):
+            return layer.grouped(*carry, prompt_positions, positions, causal_prompt, real, causal, group_size), None
+
+        (prompt, completion), _ = scan_layers(self.layers, step, (prompt, completion), remat=self.remat)
+        return self.norm(prompt), self.norm(completion)

@@ -1,5 +1,6 @@
-"""Rollouts: encode each clip and prefill each prompt once, tile the KV cache to G rollouts, then one jitted
-`lax.while_loop` decodes until every row has emitted an EOS id (or `max_new_tokens`).
+"""Rollouts: encode each clip and prefill each prompt once, then one jitted `lax.while_loop` decodes G rollouts per
+prompt until every row has emitted an EOS id (or `max_new_tokens`). The prompt's KV cache is stored once per
+prompt and each rollout's own KV once per row; every decode step attends to both (`KVCache.prefix`).
 
 Prompts are left-padded ([B, T], attention mask 1 = real token); positions count real tokens, so padding never
 shifts RoPE. Rollout r of prompt b is row b*G + r of every output.
@@ -21,12 +22,14 @@ from emorl_jax.models.qwen2 import KVCache
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy (argmax); top_k 0 and top_p 1 disable those filters."""
+    """temperature 0 = greedy (argmax); top_k 0 and top_p 1 disable those filters. top_p looks for its nucleus
+    among the `top_p_candidates` largest logits first (`filter_logits`)."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    top_p_candidates: int = 1024
 
 
 class Rollouts(NamedTuple):
@@ -41,18 +44,38 @@ class Rollouts(NamedTuple):
 
 
 def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
-    """Temperature, top-k and top-p (nucleus) filtering of logits [R, V]; removed entries become -inf."""
+    """Temperature, top-k and top-p (nucleus) filtering of logits [R, V]; removed entries become -inf.
+
+    The nucleus keeps the largest logits while the probability mass strictly above them is below top_p (ties
+    at the cutoff kept). It is found among the `top_p_candidates` largest logits (`lax.top_k`) instead of
+    sorting the vocabulary; when those candidates hold less than top_p of a row's mass, the nucleus may reach
+    beyond them, and every row is done with the full sort instead (`lax.cond`), so the result is always exact.
+    """
     logits = logits.astype(jnp.float32) / params.temperature
     if params.top_k > 0:
         kth = jax.lax.top_k(logits, params.top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if params.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted entry
-        cutoff = jnp.min(jnp.where(before < params.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        candidates = min(params.top_p_candidates, logits.shape[-1])
+        top = jax.lax.top_k(logits, candidates)[0]  # [R, K] descending
+        probs = jnp.exp(top - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+        covered = jnp.all(jnp.sum(probs, axis=-1) >= params.top_p)
+        cutoff = jax.lax.cond(covered, lambda: _nucleus_cutoff(top, probs, params.top_p),
+                              lambda: _nucleus_cutoff(*_sorted_probs(logits), params.top_p))
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return logits
+
+
+def _sorted_probs(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Logits [R, V] sorted descending, and their probabilities."""
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    return ordered, jax.nn.softmax(ordered, axis=-1)
+
+
+def _nucleus_cutoff(ordered: jax.Array, probs: jax.Array, top_p: float) -> jax.Array:
+    """[R, 1]: the smallest of the descending logits whose mass strictly above is below top_p."""
+    before = jnp.cumsum(probs, axis=-1) - probs
+    return jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
 
 
 def _pick(logits: jax.Array, keys: jax.Array, step: jax.Array, params: SamplingParams):
@@ -78,10 +101,10 @@ def generate(model: AudioLM, prompt_ids, prompt_mask, input_features, feature_at
     b, t = prompt_ids.shape
     rows, n = b * group_size, params.max_new_tokens
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
-    hidden, cache = model.hidden_states(prompt_ids, input_features, feature_attention_mask, prompt_mask,
-                                        positions, KVCache.init(model.cfg, b, t + n))
+    hidden, prompt_cache = model.hidden_states(prompt_ids, input_features, feature_attention_mask, prompt_mask,
+                                               positions, KVCache.init(model.cfg, b, t))
     logits = jnp.repeat(model.logits(hidden[:, -1]), group_size, axis=0)
-    cache = cache.tile(group_size)
+    cache = KVCache.init(model.cfg, rows, n, prefix=prompt_cache)  # the prompt's KV once, the completions' per row
     next_pos = jnp.repeat(positions[:, -1] + 1, group_size)
     eos = jnp.asarray(eos_ids, jnp.int32)
 

@@ -23,7 +23,7 @@ from emorl_jax.programs import Program
 from emorl_jax.rl import rewards
 from emorl_jax.rl.grpo import group_advantages
 from emorl_jax.rl.sampler import Rollouts, SamplingParams, make_sampler
-from emorl_jax.rl.steps import PROMPT_KEYS, make_grpo_update, make_logps_fn
+from emorl_jax.rl.steps import PROMPT_KEYS, cast_to_compute_dtype, make_grpo_update, make_logps_fn
 from emorl_jax.sharding import batch_sharding
 
 LOGP_KEYS = (*PROMPT_KEYS, "completions", "completion_mask")
@@ -34,6 +34,7 @@ class GRPOPrograms:
     """The programs of a GRPO run, each a `Program` (compiled once per input signature)."""
 
     keys: Program     # (step, first_row) -> PRNG keys [B*G/M] of one rollout micro-batch
+    rollout_weights: Program  # (params, frozen) -> the params in the compute dtype, sharded alike, for `sample`
     sample: Program   # (states, prompt_ids, prompt_mask, input_features, feature_mask, keys) -> Rollouts
     logps: Program    # (params, frozen, batch) -> log-probs [B*G, N] (reference and old policy)
     update: Program   # (state, frozen, batch) -> (state, metrics)
@@ -58,16 +59,21 @@ def build_grpo_programs(rl, graphdef, tx, mesh, state_shardings, *, eos_ids: Seq
     def advantages(rewards):
         return group_advantages(rewards, rl.group_size, std_ddof=rl.std_ddof)
 
-    sampling = SamplingParams(rl.max_new_tokens, rl.temperature, rl.top_p, rl.top_k)
+    def rollout_weights(params, frozen):
+        return cast_to_compute_dtype(graphdef, params, frozen)
+
+    sampling = SamplingParams(rl.max_new_tokens, rl.temperature, rl.top_p, rl.top_k, rl.top_p_candidates)
     return GRPOPrograms(
         keys=Program("keys", jax.jit(keys, out_shardings=batch_sharding(mesh, 1))),
+        rollout_weights=Program("rollout_weights", jax.jit(rollout_weights)),
         sample=Program("sample", make_sampler(graphdef, group_size=rl.group_size, eos_ids=eos_ids, pad_id=pad_id,
                                               params=sampling)),
         logps=Program("logps", make_logps_fn(graphdef, group_size=rl.group_size, temperature=rl.temperature,
-                                             micro_batches=rl.micro_batches)),
+                                             vocab_chunk=rl.logps_chunk, micro_batches=rl.micro_batches)),
         update=Program("update", make_grpo_update(
             graphdef, tx, group_size=rl.group_size, clip_eps=rl.clip_eps, beta=rl.beta,
-            normalization=rl.loss_normalization, temperature=rl.temperature, state_shardings=state_shardings,
+            normalization=rl.loss_normalization, temperature=rl.temperature, vocab_chunk=rl.logps_chunk,
+            state_shardings=state_shardings,
             micro_batches=rl.micro_batches)),
         advantages=Program("advantages", jax.jit(advantages)),
     )

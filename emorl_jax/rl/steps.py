@@ -82,11 +82,10 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_fraction: f
                        optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mu_dtype=mu_dtype or None))
 
 
-def compute_dtype_copy(graphdef, params, frozen):
-    """A copy of `params` in the model's compute dtype, for a frozen reference policy: every leaf the model
-    casts to the compute dtype anyway is stored cast (so its log-probs are identical); LayerNorm params, which
-    the model reads in fp32, keep their dtype. `frozen` completes the model (`nnx.merge(graphdef, params,
-    frozen)`)."""
+def cast_to_compute_dtype(graphdef, params, frozen):
+    """`params` with every leaf that the model casts to its compute dtype anyway stored cast, so the model's outputs
+    are identical; LayerNorm params, which the model reads in fp32, keep their dtype. `frozen` completes the
+    model (`nnx.merge(graphdef, params, frozen)`). Traceable: elementwise, so the copy is sharded like `params`."""
     from emorl_jax.models.layers import LayerNorm
 
     model = nnx.merge(graphdef, params, frozen)
@@ -95,11 +94,16 @@ def compute_dtype_copy(graphdef, params, frozen):
     keep_leaf = lambda names: any(names[:len(k)] == k for k in keep)
     cast = lambda path, x: (x if keep_leaf(tuple(_path_names(path))) or not jnp.issubdtype(x.dtype, jnp.floating)
                             else x.astype(dtype))
+    return jax.tree_util.tree_map_with_path(cast, params)
 
-    def cast_to_compute_dtype(p):
-        return jax.tree_util.tree_map_with_path(cast, p)
 
-    return jax.jit(cast_to_compute_dtype)(params)
+def compute_dtype_copy(graphdef, params, frozen):
+    """The frozen reference policy: `cast_to_compute_dtype` once, jitted."""
+
+    def cast_to_compute_dtype_copy(params, frozen):
+        return cast_to_compute_dtype(graphdef, params, frozen)
+
+    return jax.jit(cast_to_compute_dtype_copy)(params, frozen)
 
 
 def split_micro_batches(batch: dict, num_micro: int) -> dict:
@@ -191,19 +195,19 @@ def make_sft_update(graphdef, tx, state_shardings=None, *, micro_batches: int = 
 
 
 def make_grpo_update(graphdef, tx, *, group_size: int, clip_eps: float, beta: float, normalization: str,
-                     temperature: float = 1.0, state_shardings=None, micro_batches: int = 1):
+                     temperature: float = 1.0, vocab_chunk: int = 0, state_shardings=None, micro_batches: int = 1):
     """`state, metrics = update(state, frozen, batch)`: one optax step on the exact global GRPO loss.
 
     The policy's log-probs are taken at the rollout `temperature` (see `completion_logps`); `ref_logps` in the
     batch must be too (`make_logps_fn` with the same temperature). Without `old_logps` in the batch (mu = 1: the
     policy that sampled is the one being updated) the ratio is exp(logp - stop_gradient(logp)): value 1, the
-    policy's own gradient, and no old-policy pass.
+    policy's own gradient, and no old-policy pass. `vocab_chunk`: see `policy.head_logps`.
     """
 
     def loss_fn(params, frozen, mb):
         model = nnx.merge(graphdef, params, frozen)
         logps = completion_logps(model, *(mb[k] for k in PROMPT_KEYS), mb["completions"], mb["completion_mask"],
-                                 group_size=group_size, temperature=temperature)
+                                 group_size=group_size, temperature=temperature, vocab_chunk=vocab_chunk)
         old = mb["old_logps"] if "old_logps" in mb else jax.lax.stop_gradient(logps)
         loss_sum, denom, metrics = grpo_loss(logps, old, mb["ref_logps"], mb["advantages"],
                                              mb["completion_mask"], clip_eps=clip_eps, beta=beta,
@@ -213,14 +217,16 @@ def make_grpo_update(graphdef, tx, *, group_size: int, clip_eps: float, beta: fl
     return _jit_update("grpo_update", loss_fn, tx, state_shardings, micro_batches)
 
 
-def make_logps_fn(graphdef, *, group_size: int, temperature: float = 1.0, micro_batches: int = 1):
+def make_logps_fn(graphdef, *, group_size: int, temperature: float = 1.0, vocab_chunk: int = 0,
+                  micro_batches: int = 1):
     """Jitted `logps = f(params, frozen, batch)` [B*G, N] without gradients (old-policy and reference), at the
-    rollout `temperature`, one micro-batch of prompts at a time (`lax.map`), as the update runs them."""
+    rollout `temperature`, one micro-batch of prompts at a time (`lax.map`), as the update runs them.
+    `vocab_chunk`: see `policy.head_logps`."""
 
     def one(params, frozen, mb):
         model = nnx.merge(graphdef, params, frozen)
         return completion_logps(model, *(mb[k] for k in PROMPT_KEYS), mb["completions"], mb["completion_mask"],
-                                group_size=group_size, temperature=temperature)
+                                group_size=group_size, temperature=temperature, vocab_chunk=vocab_chunk)
 
     def logps(params, frozen, batch):
         batch = {k: batch[k] for k in (*PROMPT_KEYS, "completions", "completion_mask")}
