@@ -93,7 +93,8 @@ class Study:
                  jobs: int = 1, env: dict | None = None):
         from emorl_jax.config import config_path
 
-        self.config, self.out, self.runs = str(config_path(config)), Path(out), list(runs)
+        # absolute: the runs record their corpus and SFT start paths, valid from any working directory
+        self.config, self.out, self.runs = str(config_path(config)), Path(out).absolute(), list(runs)
         self.common, self.jobs, self.env = list(common), jobs, env
         self.failed: list[tuple[Run, str]] = []
         self._lock = threading.Lock()
