@@ -144,9 +144,7 @@ class Attention(nnx.Module):
         completion key m). One softmax over the T prompt keys and the N completion keys. Returns [B*G, N, d]."""
         rows, n, _ = x.shape
         b, g, rep = rows // group_size, group_size, self.heads // self.kv_heads
-        q = rope(self.q_proj(x).reshape(rows, n, self.heads, self.head_dim), positions, self.theta)
-        k = rope(self.k_proj(x).reshape(rows, n, self.kv_heads, self.head_dim), positions, self.theta)
-        v = self.v_proj(x).reshape(rows, n, self.kv_heads, self.head_dim)
+        q, k, v = self._qkv(x, positions)
         q = q.reshape(b, g, n, self.kv_heads, rep, self.head_dim)
         k, v = (a.reshape(b, g, n, self.kv_heads, self.head_dim) for a in (k, v))
         pk, pv = prompt_kv
