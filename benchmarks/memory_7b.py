@@ -94,6 +94,8 @@ def parse_args(argv=None):
                    help="programs to compile (a phase not compiled on a slice is estimated from another slice)")
     p.add_argument("--depths", type=int, nargs="+", default=(32,),
                    help="layer counts to compile on the TPU slices: 32 (full depth), or two to extrapolate from")
+    p.add_argument("--attention", default="xla", choices=("xla", "splash"),
+                   help="model.attention of the compiled programs (splash: the Pallas TPU kernel; TPU slices only)")
     p.add_argument("--libtpu", type=Path, help="directory holding the libtpu package (pip install --target)")
     p.add_argument("--json", type=Path, help="append every compile's RESULT as a JSON line here")
     p.add_argument("--from-json", type=Path, nargs="+", help="print the tables from --json files, compile nothing")
@@ -322,6 +324,7 @@ def worker(args) -> None:
     from emorl_jax.sharding import make_mesh
 
     config = run_config(quick=False)
+    config.model.attention = args.attention
     if args.worker == "cpu8":
         mesh = make_mesh((1, -1, 1))
         jobs = [(v, d, "flops") for v in ("full_fp32", "lora16") for d in (1, 2)]  # FLOPs are linear in depth
@@ -341,7 +344,8 @@ def worker(args) -> None:
     for variant, layers, mode in jobs:
         for r in compile_variant(config, variant, mesh, layers, cache, mode=mode, label=args.worker, done=done,
                                  phases=PHASES if mode == "flops" else args.phases):
-            print("RESULT " + json.dumps({**r, "resident_full": full.get(variant)}), flush=True)
+            print("RESULT " + json.dumps({**r, "resident_full": full.get(variant), "attention": args.attention}),
+                  flush=True)
 
 
 def run_worker(args, name: str) -> list[dict]:
@@ -351,7 +355,7 @@ def run_worker(args, name: str) -> list[dict]:
         + [os.environ.get("PYTHONPATH", "")]))
     env["XLA_FLAGS"] = "" if tpu else "--xla_force_host_platform_device_count=8"
     cmd = [sys.executable, __file__, "--worker", name, "--worker-depths", *map(str, args.depths),
-           "--variants", *args.variants, "--phases", *args.phases] + \
+           "--variants", *args.variants, "--phases", *args.phases, "--attention", args.attention] + \
         (["--resume", str(args.json)] if args.json else [])
     results = []
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) as proc:
@@ -635,7 +639,7 @@ def main(argv=None) -> dict:
         return print_plan([json.loads(line) for path in args.from_json for line in path.read_text().splitlines()
                            if line.strip()])
     results = []
-    for name in args.slices + ([] if args.no_flops else ["cpu8"]):
+    for name in args.slices + ([] if args.no_flops or args.attention != "xla" else ["cpu8"]):  # kernels: TPU only
         results += run_worker(args, name)
     if args.json and args.json.exists():  # everything compiled for this file so far, this run's and earlier runs'
         results = [json.loads(line) for line in args.json.read_text().splitlines() if line.strip()]

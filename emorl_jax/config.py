@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from emorl_jax.errors import ConfigError
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "splash_interpret")  # see emorl_jax/models/attention.py
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -70,6 +71,11 @@ class AudioLMConfig:
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
+    attention: str = "xla"  # xla | cudnn (NVIDIA GPU) | splash (TPU Pallas) | splash_interpret; models/attention.py
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"model.attention={self.attention!r}; expected one of {ATTENTION_IMPLEMENTATIONS}")
 
     @property
     def compute_dtype(self):
@@ -133,7 +139,8 @@ def from_config_dict(model: Mapping[str, Any]) -> AudioLMConfig:
     audio = _pick(AudioEncoderConfig, dict(model.pop("audio")))
     text = _pick(TextConfig, dict(model.pop("text")))
     return AudioLMConfig(audio=audio, text=text, **{k: v for k, v in model.items() if k in
-                                                   {"audio_token_index", "dtype", "param_dtype", "remat"}})
+                                                   {"audio_token_index", "dtype", "param_dtype", "remat",
+                                                    "attention"}})
 
 
 def model_config_dict(cfg: AudioLMConfig):

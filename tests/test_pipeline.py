@@ -96,7 +96,12 @@ def test_batch_layout_prompts_and_features(clips, tok):
             "feature_mask": np.int32, "label": np.int32}
         assert batch["utt_id"].dtype.kind == "U"
         assert batch["prompt_mask"].shape == (b, t) and batch["label"].shape == (b,)
-        assert batch["input_features"].shape == (b, 80, 400) and batch["feature_mask"].shape == (b, 400)
+        # the encoder's frames follow the prompt bucket: the most a prompt of t tokens can need (4 frames per
+        # audio embedding + the 2 its conv stem reads past a clip), at most the 400-frame window
+        overhead = len(encode_prompt(tok, "esr", LABELS, [1])) - 1
+        frames = min(400, 4 * (t - overhead) + 4)
+        assert batch["input_features"].shape == (b, 80, frames) and batch["feature_mask"].shape == (b, frames)
+        assert frames == 400 or frames >= batch["feature_mask"].sum(1).max() + 2
         lengths = batch["prompt_mask"].sum(1)
         assert t % MULTIPLE == 0 and t - MULTIPLE < lengths.max() <= t
         for row, utt_id in enumerate(batch["utt_id"]):
@@ -108,8 +113,9 @@ def test_batch_layout_prompts_and_features(clips, tok):
             assert int(np.sum(ids == tok.audio_token_id)) == emb
             assert ids[t - n:].tolist() == encode_prompt(tok, "esr", LABELS, [emb])
             features, feature_mask = log_mel(load_audio(utt.path), n_mels=80, chunk_seconds=4.0)
-            np.testing.assert_array_equal(batch["input_features"][row], features)
-            np.testing.assert_array_equal(batch["feature_mask"][row], feature_mask)
+            np.testing.assert_array_equal(batch["input_features"][row], features[:, :frames])
+            np.testing.assert_array_equal(batch["feature_mask"][row], feature_mask[:frames])
+            assert feature_mask[frames:].sum() == 0  # no valid frame dropped
             assert batch["label"][row] == LABELS.index(utt.label)
     long_row = [u for b in batches for u in b["utt_id"]].index("clip05")  # 5 s clip: truncated to 4 s
     assert _embeddings_oracle(clips[5].path, 4.0) == 100
@@ -118,7 +124,10 @@ def test_batch_layout_prompts_and_features(clips, tok):
 
 def test_qwen2_audio_window(clips, tok):
     batch = next(iter(_dataset(clips[5:7], tok, audio_window=(128, 30.0), batch_size=2)))
-    assert batch["input_features"].shape == (2, 128, 3000) and batch["feature_mask"].shape == (2, 3000)
+    t, overhead = batch["prompt_ids"].shape[1], len(encode_prompt(tok, "esr", LABELS, [1])) - 1
+    frames = 4 * (t - overhead) + 4  # the first frames of the 30 s window a prompt of t tokens can need
+    assert 502 <= frames < 3000
+    assert batch["input_features"].shape == (2, 128, frames) and batch["feature_mask"].shape == (2, frames)
     assert batch["feature_mask"].sum(1).tolist() == [500, 140]  # 5.0 s and 1.4 s, nothing truncated
     counts = (batch["prompt_ids"] == tok.audio_token_id).sum(1)
     assert counts.tolist() == [_embeddings_oracle(u.path, 30.0) for u in clips[5:7]] == [125, 35]
@@ -275,7 +284,11 @@ def test_prompts_padded_to_the_smallest_length_bucket(clips, tok):
         for row, k in enumerate(n):  # the same prompt, left-padded to the bucket
             assert b["prompt_ids"][row, t - k:].tolist() == a["prompt_ids"][row, -k:].tolist()
             assert np.all(b["prompt_ids"][row, :t - k] == tok.pad_id) and b["prompt_mask"][row, :t - k].sum() == 0
-        for key in ("input_features", "feature_mask", "label", "utt_id", "target_ids", "target_mask"):
+        frames = min(a["feature_mask"].shape[1], b["feature_mask"].shape[1])  # each follows its prompt length
+        for key in ("input_features", "feature_mask"):
+            np.testing.assert_array_equal(a[key][..., :frames], b[key][..., :frames], err_msg=key)
+        assert a["feature_mask"][:, frames:].sum() == b["feature_mask"][:, frames:].sum() == 0
+        for key in ("label", "utt_id", "target_ids", "target_mask"):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)  # SFT targets still round to the multiple
         assert b["target_ids"].shape[1] % MULTIPLE == 0
     assert widths == {short, longest + 3}

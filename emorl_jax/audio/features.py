@@ -100,6 +100,18 @@ def num_audio_embeddings(num_frames: int) -> int:
     return (length - 2) // 2 + 1
 
 
+def frames_needed(max_valid_frames: int, window: int) -> int:
+    """The mel frames an encoder input must keep (of a `window`-frame window) for clips of up to
+    `max_valid_frames` valid frames to give the full window's outputs: the encoder's conv1 and stride-2 conv2
+    read up to 2 frames past a clip's last valid frame."""
+    return min(window, max_valid_frames + 2)
+
+
+def max_frames_for(num_embeddings: int) -> int:
+    """The most valid mel frames a clip can have and still yield at most `num_embeddings` audio embeddings."""
+    return 4 * num_embeddings + 2
+
+
 @functools.cache
 def _hann() -> np.ndarray:
     """Periodic Hann window [n_fft] (torch.hann_window's default)."""

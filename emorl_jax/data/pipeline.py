@@ -45,7 +45,7 @@ from typing import Any, TypedDict
 import grain
 import numpy as np
 
-from emorl_jax.audio.features import SAMPLE_RATE, log_mel, num_audio_embeddings
+from emorl_jax.audio.features import SAMPLE_RATE, frames_needed, log_mel, max_frames_for, num_audio_embeddings
 from emorl_jax.audio.io import AudioError, load_audio, validate_waveform
 from emorl_jax.data.corpora.base import Utterance
 from emorl_jax.data.manifest import read_manifest
@@ -65,8 +65,10 @@ class Batch(TypedDict, total=False):
                     of `length_buckets` >= the longest prompt, or (no buckets) the longest prompt rounded up
                     to a multiple of `bucket_multiple`.
     prompt_mask:    int32 [B, T] 1 on prompt tokens, 0 on padding.
-    input_features: float32 [B, n_mels, frames] log-mel of the audio window (frames = 100 per second).
-    feature_mask:   int32 [B, frames] 1 on frames inside the clip.
+    input_features: float32 [B, n_mels, F] log-mel of the first F frames of the audio window (100 per second):
+                    F is the fewest the encoder needs for the longest clip a prompt of length T can hold
+                    (`_Bucket.audio_frames`), at most the window; the full window's encoder outputs are unchanged.
+    feature_mask:   int32 [B, F] 1 on frames inside the clip.
     label:          int32 [B] index of the gold emotion in `labels`.
     utt_id:         str [B] (host side only).
     target_ids:     int32 [B, N] SFT completion tokens (with `target_fn`), RIGHT-padded with `pad_id`;
@@ -176,8 +178,9 @@ class _Bucket:
     """
 
     def __init__(self, batch_size: int, pad_id: int, bucket_multiple: int, drop_remainder: bool, shuffle: bool,
-                 seed: int, length_buckets: Sequence[int] = ()):
+                 seed: int, length_buckets: Sequence[int], prompt_overhead: int):
         self.batch_size, self.pad_id, self.multiple = batch_size, pad_id, bucket_multiple
+        self.prompt_overhead = prompt_overhead
         self.drop_remainder, self.shuffle, self.seed = drop_remainder, shuffle, seed
         self.length_buckets = tuple(sorted(int(b) for b in length_buckets))
 
@@ -193,6 +196,13 @@ class _Bucket:
         raise ValueError(f"{longest['utt_id']} ({longest['path']}): its prompt has {n} tokens, more "
                          f"than the largest length bucket {self.length_buckets[-1]} (data.length_buckets="
                          f"{self.length_buckets}); add a larger bucket or shorten the clip (data.max_seconds)")
+
+    def audio_frames(self, prompt_length: int, window_frames: int) -> int:
+        """The mel frames (of a `window_frames` window) kept for a batch of prompts padded to `prompt_length`:
+        enough for the longest clip such a prompt can hold (`frames_needed`), so the encoder's input shape follows
+        the prompt's and adds no compile."""
+        most_embeddings = max(prompt_length - self.prompt_overhead, 1)
+        return frames_needed(max_frames_for(most_embeddings), window_frames)
 
     def __call__(self, index: int, window: list) -> dict:
         examples = [x for x in window if isinstance(x, dict)]
@@ -215,9 +225,10 @@ class _Bucket:
         for row, x in enumerate(examples):  # left padding: prompts end where generation starts
             n = len(x["prompt_ids"])
             ids[row, t - n:], mask[row, t - n:] = x["prompt_ids"], 1
+        frames = self.audio_frames(t, examples[0]["input_features"].shape[-1])
         batch = Batch(prompt_ids=ids, prompt_mask=mask,
-                      input_features=np.stack([x["input_features"] for x in examples]),
-                      feature_mask=np.stack([x["feature_mask"] for x in examples]).astype(np.int32),
+                      input_features=np.stack([x["input_features"][:, :frames] for x in examples]),
+                      feature_mask=np.stack([x["feature_mask"][:frames] for x in examples]).astype(np.int32),
                       label=np.asarray([x["label"] for x in examples], dtype=np.int32),
                       utt_id=np.asarray([x["utt_id"] for x in examples], dtype=str))
         if "target_ids" in examples[0]:
@@ -391,8 +402,9 @@ def make_dataset(
         ds = ds.repeat(num_epochs)
     ds = ds.map(prepare)
     ds = ds.batch(bucket_window * batch_size, batch_fn=list)
+    overhead = len(encode_prompt(tokenizer, mode, labels, [1])) - 1  # prompt tokens besides the audio slots
     ds = ds.map_with_index(_Bucket(batch_size, tokenizer.pad_id, bucket_multiple, drop_remainder, shuffle, seed,
-                                   length_buckets))
+                                   length_buckets, overhead))
     if worker_count > 0:
         from absl import flags
 

@@ -1,8 +1,9 @@
 """Qwen2-Audio audio tower: conv stem, learned positions, pre-LN blocks, avg-pool(2), final LayerNorm.
 
-Matches transformers' `Qwen2AudioEncoder` as `Qwen2AudioModel` calls it: every clip is a full window of
-`2 * max_source_positions` mel frames; frames past a clip's length still pass the convolutions, but attention
-never looks at their positions.
+Matches transformers' `Qwen2AudioEncoder` as `Qwen2AudioModel` calls it, which runs every clip as a full window
+of `2 * max_source_positions` mel frames and masks attention to each clip's valid positions. Ours also takes
+the first F frames of the window (`audio.features.frames_needed`: the batch's longest clip + 2, the frames its conv stem reads):
+the valid outputs are the same, at the cost of F frames instead of the window.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emorl_jax.config import AudioLMConfig
+from emorl_jax.models.attention import Mask, attend
 from emorl_jax.models.layers import Dense, LayerNorm, param, scan_layers, stack_layers
 from emorl_jax.sharding import constrain
 
@@ -48,16 +50,16 @@ class EncoderAttention(nnx.Module):
         self.k_proj = Dense(d, d, axes=("embed", "heads"), use_bias=False, **kw)
         self.v_proj = Dense(d, d, axes=("embed", "heads"), use_bias=True, **kw)
         self.out_proj = Dense(d, d, axes=("heads", "embed"), use_bias=True, **kw)
-        self.num_heads = cfg.audio.encoder_attention_heads
+        self.num_heads, self.implementation = cfg.audio.encoder_attention_heads, cfg.attention
 
-    def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
-        """x [N, S, d], key_mask [N, S] bool -> [N, S, d]."""
+    def __call__(self, x: jax.Array, mask: Mask) -> jax.Array:
+        """x [N, S, d], mask: bidirectional over each clip's valid positions (`attention.Mask.full`) -> [N, S, d]."""
         n, s, d = x.shape
         head_dim = d // self.num_heads
         split = lambda t: constrain(t.reshape(n, s, self.num_heads, head_dim), ("batch", "length", "heads", None))
         q = split(self.q_proj(x) * head_dim**-0.5)  # HF scales q before the product
-        out = jax.nn.dot_product_attention(
-            q, split(self.k_proj(x)), split(self.v_proj(x)), mask=key_mask[:, None, None, :], scale=1.0)
+        out = attend(q, split(self.k_proj(x)), split(self.v_proj(x)), mask, scale=1.0,
+                     implementation=self.implementation)
         out = constrain(out, ("batch", "length", "heads", None))
         return self.out_proj(out.reshape(n, s, d))
 
@@ -74,16 +76,18 @@ class EncoderLayer(nnx.Module):
         self.fc1 = Dense(a.d_model, a.encoder_ffn_dim, axes=("embed", "mlp"), **dense)
         self.fc2 = Dense(a.encoder_ffn_dim, a.d_model, axes=("mlp", "embed"), **dense)
 
-    def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
-        """x [N, S, d], key_mask [N, S] bool -> [N, S, d]."""
+    def __call__(self, x: jax.Array, mask: Mask) -> jax.Array:
+        """x [N, S, d] -> [N, S, d]; see `EncoderAttention`."""
         x = constrain(x, HIDDEN)
-        x = x + self.self_attn(self.self_attn_layer_norm(x), key_mask)
+        x = x + self.self_attn(self.self_attn_layer_norm(x), mask)
         h = constrain(jax.nn.gelu(self.fc1(self.final_layer_norm(x)), approximate=False), ("batch", "length", "mlp"))
         return constrain(x + self.fc2(h), HIDDEN)
 
 
 class AudioEncoder(nnx.Module):
-    """input_features [N, mel, 2*P] + frame lengths [N] -> hidden [N, P//2, d_model] (P = max_source_positions)."""
+    """input_features [N, mel, F] (the first F <= 2*P frames of each clip's window, F >= `frames_needed`) + valid
+    frames [N] -> hidden [N, S//2, d_model], S = (F - 1)//2 + 1 positions after conv2 (P = max_source_positions;
+    the full window gives P//2)."""
 
     def __init__(self, cfg: AudioLMConfig, *, rngs: nnx.Rngs):
         a = cfg.audio
@@ -98,16 +102,16 @@ class AudioEncoder(nnx.Module):
 
     def __call__(self, input_features: jax.Array, num_frames: jax.Array) -> jax.Array:
         a = self.cfg.audio
-        if input_features.shape[1:] != (a.num_mel_bins, a.num_frames):
-            raise ValueError(f"input_features must be [clips, {a.num_mel_bins}, {a.num_frames}] "
-                             f"(the full audio window), got {tuple(input_features.shape)}")
+        if input_features.ndim != 3 or input_features.shape[1] != a.num_mel_bins or input_features.shape[2] > a.num_frames:
+            raise ValueError(f"input_features must be [clips, {a.num_mel_bins}, frames <= {a.num_frames}] (the "
+                             f"audio window or its first frames), got {tuple(input_features.shape)}")
         x = jnp.swapaxes(input_features, 1, 2)  # [N, frames, mel]
         x = jax.nn.gelu(self.conv1(x), approximate=False)
         x = jax.nn.gelu(self.conv2(x), approximate=False)
-        x = x + self.embed_positions[...].astype(x.dtype)
+        x = x + self.embed_positions[: x.shape[1]].astype(x.dtype)
         after_conv, _ = conv_output_lengths(num_frames)
-        key_mask = jnp.arange(x.shape[1])[None, :] < after_conv[:, None]
-        x, _ = scan_layers(self.layers, lambda layer, h, _: (layer(h, key_mask), None), x, remat=self.cfg.remat)
+        mask = Mask.full(jnp.arange(x.shape[1])[None, :] < after_conv[:, None])
+        x, _ = scan_layers(self.layers, lambda layer, h, _: (layer(h, mask), None), x, remat=self.cfg.remat)
         n, s, d = x.shape
         x = x[:, : s // 2 * 2].reshape(n, s // 2, 2, d).mean(2)  # AvgPool1d(2, stride 2)
         return self.layer_norm(x)

@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from emorl_jax.config import AudioLMConfig
+from emorl_jax.audio.features import frames_needed
 from emorl_jax.models.audio_encoder import AudioEncoder, conv_output_lengths
 from emorl_jax.models.layers import Dense
 from emorl_jax.models.qwen2 import KVCache, Qwen2Model
@@ -28,14 +29,19 @@ class Projector(nnx.Module):
         return self.linear(x)
 
 
-def check_audio_slots(input_ids, feature_attention_mask, audio_token_index: int) -> None:
-    """Host-side check that the prompt holds exactly as many `<|AUDIO|>` slots as the clips yield."""
+def check_audio_slots(input_ids, feature_attention_mask, audio_token_index: int, window: int) -> None:
+    """Host-side checks: the prompt holds exactly as many `<|AUDIO|>` slots as the clips yield, and the features
+    keep the frames the encoder reads (`frames_needed`; `window` = the full window's frames)."""
     slots = int((np.asarray(input_ids) == audio_token_index).sum())
-    clips = 0 if feature_attention_mask is None else np.asarray(feature_attention_mask).shape[0]
-    embeddings = 0 if clips == 0 else int(conv_output_lengths(np.asarray(feature_attention_mask).sum(-1))[1].sum())
+    frames = np.zeros((0, 0)) if feature_attention_mask is None else np.asarray(feature_attention_mask)
+    valid = frames.sum(-1).astype(int)
+    embeddings = int(conv_output_lengths(valid)[1].sum()) if len(valid) else 0
     if slots != embeddings:
-        raise ValueError(f"the prompt has {slots} <|AUDIO|> tokens but the {clips} audio clip(s) yield "
+        raise ValueError(f"the prompt has {slots} <|AUDIO|> tokens but the {len(valid)} audio clip(s) yield "
                          f"{embeddings} audio embeddings; expand each clip's placeholder to its embedding count")
+    if len(valid) and frames.shape[1] < frames_needed(int(valid.max()), window):
+        raise ValueError(f"the audio features keep {frames.shape[1]} mel frames but a clip has {valid.max()} valid "
+                         f"frames: keep at least {frames_needed(int(valid.max()), window)} (frames_needed)")
 
 
 class AudioLM(nnx.Module):
@@ -64,7 +70,8 @@ class AudioLM(nnx.Module):
         if input_features is None:
             return embeds
         if not isinstance(input_ids, jax.core.Tracer):
-            check_audio_slots(input_ids, feature_attention_mask, self.cfg.audio_token_index)
+            check_audio_slots(input_ids, feature_attention_mask, self.cfg.audio_token_index,
+                              self.cfg.audio.num_frames)
         audio, counts = self.encode_audio(input_features, feature_attention_mask)
         b, t, d = embeds.shape
         is_audio = (input_ids == self.cfg.audio_token_index).reshape(-1)
@@ -94,6 +101,12 @@ class AudioLM(nnx.Module):
             positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
         embeds = self.embed(input_ids, input_features, feature_attention_mask)
         return self.language_model(embeds, positions, attention_mask, cache)
+
+    def prefill(self, input_ids, input_features, feature_attention_mask, attention_mask, positions):
+        """A prompt's final-norm hidden states [B, T, d] and its keys/values as a T-slot KVCache
+        (`Qwen2Model.prefill`)."""
+        embeds = self.embed(input_ids, input_features, feature_attention_mask)
+        return self.language_model.prefill(embeds, positions, attention_mask)
 
     def __call__(self, input_ids, input_features=None, feature_attention_mask=None, attention_mask=None,
                  positions=None, cache: KVCache | None = None):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emorl_jax.config import AudioLMConfig
+from emorl_jax.models.attention import Mask, attend, grouped_pattern
 from emorl_jax.models.layers import Dense, Embed, RMSNorm, scan_layers, stack_layers
 from emorl_jax.sharding import constrain
 
@@ -72,6 +73,7 @@ class Attention(nnx.Module):
         self.o_proj = Dense(q_dim, t.hidden_size, axes=("heads", "embed"), use_bias=False, **kw)
         self.heads, self.kv_heads, self.head_dim, self.theta = (
             t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.rope_theta)
+        self.implementation = cfg.attention
 
     def _qkv(self, x, positions):
         """q [B, T, heads, head_dim], k and v [B, T, kv_heads, head_dim] of x [B, T, d] (RoPE applied)."""
@@ -80,14 +82,14 @@ class Attention(nnx.Module):
         k = rope(self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim), positions, self.theta)
         return q, k, self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
 
-    def __call__(self, x, positions, mask):
-        """x [B, T, d]; mask [B, T, T] bool (query t may see key s). Returns (out [B, T, d], (k, v)) with k, v
-        [B, T, kv_heads, head_dim]."""
+    def __call__(self, x, positions, mask: Mask):
+        """x [B, T, d]; mask: which of the T keys each query sees (`attention.Mask` [B, T, T]), by
+        `model.attention`. Returns (out [B, T, d], (k, v)) with k, v [B, T, kv_heads, head_dim]."""
         b, t, _ = x.shape
         heads = ("batch", "length", "heads", None)
         q, k, v = self._qkv(x, positions)
         q, k, v = constrain(q, heads), constrain(k, KV), constrain(v, KV)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=self.head_dim**-0.5)
+        out = attend(q, k, v, mask, scale=self.head_dim**-0.5, implementation=self.implementation)
         out = constrain(out, heads)
         return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), (k, v)
 
@@ -197,9 +199,9 @@ class DecoderLayer(nnx.Module):
                                                     layer, index, prefix)
         return self._mlp_block(x + h), cache_k, cache_v
 
-    def grouped(self, prompt, completion, prompt_positions, positions, prompt_mask, prompt_key_mask, mask,
+    def grouped(self, prompt, completion, prompt_positions, positions, prompt_mask: Mask, prompt_key_mask, mask,
                 group_size: int):
-        """The layer on a prompt [B, T, d] (causal, `prompt_mask` [B, T, T]) and its G completions [B*G, N, d]
+        """The layer on a prompt [B, T, d] (causal, `prompt_mask`) and its G completions [B*G, N, d]
         (`Attention.grouped`): (prompt, completion) out."""
         prompt, kv = self(prompt, prompt_positions, prompt_mask)
         completion = constrain(completion, HIDDEN)
@@ -220,20 +222,19 @@ class Qwen2Model(nnx.Module):
         self.layers = stack_layers(lambda: DecoderLayer(cfg, rngs=rngs), t.num_hidden_layers)
         self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, dtype=cfg.compute_dtype,
                             param_dtype=cfg.params_dtype)
-        self.remat = cfg.remat
+        self.remat, self.attention = cfg.remat, cfg.attention
 
     def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
         """embeds [B, T, d], positions [B, T] int, attention_mask [B, T] (1 = real token).
 
-        Without a cache: causal attention over the T tokens. With one: the T tokens are written at
-        `cache.index` and attend to every earlier real slot (after the real slots of `cache.prefix`, the shared
-        prompt, if any). Returns (hidden [B, T, d], updated cache).
+        Without a cache: causal attention over the T tokens (by `model.attention`). With one: the T tokens are
+        written at `cache.index` and attend to every earlier real slot (after the real slots of `cache.prefix`,
+        the shared prompt, if any). Returns (hidden [B, T, d], updated cache).
         """
         t = embeds.shape[1]
         if cache is None:
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = causal[None] & attention_mask.astype(bool)[:, None, :]
+            mask = Mask.causal(attention_mask)
             x, _ = scan_layers(self.layers, lambda layer, h, _: (layer(h, positions, mask)[0], None), embeds,
                                remat=self.remat)
             return self.norm(x), None
@@ -252,19 +253,39 @@ class Qwen2Model(nnx.Module):
                                    remat=self.remat)
         return self.norm(x), KVCache.constrained(k, v, kv_mask, cache.index + t, cache.prefix)
 
+    def prefill(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, KVCache]:
+        """The causal pass of `__call__` (by `model.attention`) that also returns its keys/values as a cache of
+        exactly T slots (index T), for decoding to continue: (hidden [B, T, d], KVCache)."""
+        mask = Mask.causal(attention_mask)
+        x, (k, v) = scan_layers(self.layers, lambda layer, h, _: layer(h, positions, mask), embeds, remat=self.remat)
+        to_cache = lambda a: a.transpose(0, 1, 3, 2, 4).astype(embeds.dtype)  # [layers, B, kv_heads, T, head_dim]
+        cache = KVCache.constrained(to_cache(k), to_cache(v), attention_mask.astype(jnp.int32),
+                                    jnp.asarray(embeds.shape[1], jnp.int32))
+        return self.norm(x), cache
+
     def grouped(self, prompt: jax.Array, prompt_mask: jax.Array, completion: jax.Array, completion_mask: jax.Array,
                 group_size: int) -> tuple[jax.Array, jax.Array]:
         """A prompt run once for the G completions that continue it: prompt embeds [B, T, d] (left-padded,
         prompt_mask [B, T]) and completion embeds [B*G, N, d] (completion_mask [B*G, N], row b*G + r continues
         prompt b). Equal to running each concatenated row [prompt b, completion r] causally (positions count real
-        tokens), at T + G*N instead of G*(T + N) tokens. Returns final-norm hidden states (prompt [B, T, d],
+        tokens), at T + G*N instead of G*(T + N) tokens. With a fused attention kernel (`model.attention` not xla)
+        each prompt and its completions run as one packed row under `attention.grouped_pattern`. Returns final-norm hidden states (prompt [B, T, d],
         completions [B*G, N, d])."""
-        t, n = prompt.shape[1], completion.shape[1]
+        (b, t, d), n = prompt.shape, completion.shape[1]
         real = prompt_mask.astype(bool)
         prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
-        causal_prompt = jnp.tril(jnp.ones((t, t), bool))[None] & real[:, None, :]
         before = jnp.repeat(prompt_mask.sum(-1, keepdims=True), group_size, axis=0)  # real prompt tokens per row
         positions = before + jnp.maximum(jnp.cumsum(completion_mask, axis=-1) - 1, 0)
+        if self.attention != "xla":  # a fused kernel: one packed row [prompt, completion 1..G] per prompt
+            packed = jnp.concatenate([prompt, completion.reshape(b, group_size * n, d)], axis=1)
+            packed_positions = jnp.concatenate([prompt_positions, positions.reshape(b, group_size * n)], axis=1)
+            segments = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((b, group_size * n), jnp.int32)], 1)
+            mask = Mask(grouped_pattern(t, n, group_size), segments, segments)
+            x, _ = scan_layers(self.layers, lambda layer, h, _: (layer(h, packed_positions, mask)[0], None), packed,
+                               remat=self.remat)
+            x = self.norm(x)
+            return x[:, :t], x[:, t:].reshape(b * group_size, n, d)
+        causal_prompt = Mask.causal(prompt_mask)
         causal = jnp.tril(jnp.ones((n, n), bool))[None] & completion_mask.astype(bool)[:, None, :]
 
         def step(layer, carry, _):

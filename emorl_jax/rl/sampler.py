@@ -101,8 +101,7 @@ def generate(model: AudioLM, prompt_ids, prompt_mask, input_features, feature_at
     b, t = prompt_ids.shape
     rows, n = b * group_size, params.max_new_tokens
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
-    hidden, prompt_cache = model.hidden_states(prompt_ids, input_features, feature_attention_mask, prompt_mask,
-                                               positions, KVCache.init(model.cfg, b, t))
+    hidden, prompt_cache = model.prefill(prompt_ids, input_features, feature_attention_mask, prompt_mask, positions)
     logits = jnp.repeat(model.logits(hidden[:, -1]), group_size, axis=0)
     cache = KVCache.init(model.cfg, rows, n, prefix=prompt_cache)  # the prompt's KV once, the completions' per row
     next_pos = jnp.repeat(positions[:, -1] + 1, group_size)
