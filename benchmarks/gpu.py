@@ -71,7 +71,8 @@ def main():
     _, state = nnx.split(model)
     parts = {}  # implementation: (graphdef, params, frozen) of the same weights
     for impl in ("xla", other):
-        graphdef = nnx.split(nnx.eval_shape(lambda impl=impl: AudioLM(cfg.replace(attention=impl), rngs=nnx.Rngs(0))))[0]
+        abstract = nnx.eval_shape(lambda impl=impl: AudioLM(cfg.replace(attention=impl), rngs=nnx.Rngs(0)))
+        graphdef = nnx.split(abstract)[0]
         parts[impl] = split_trainable(nnx.merge(graphdef, state), lora=False)
     n_params = sum(x.size for x in jax.tree.leaves(state))
     print(f"model: {n_params / 1e9:.2f}B params, {cfg.audio.num_frames // 100} s audio window, bf16 compute")
@@ -124,7 +125,8 @@ def main():
     tb = common.audio_prompts(cfg, train_prompts, text_tokens=text)
     rows = train_prompts * train_group
     lengths = rng.integers(train_new // 2, train_new + 1, (rows, 1))
-    tb.update(completions=rng.integers(cfg.audio_token_index + 1, cfg.text.vocab_size, (rows, train_new)).astype(np.int32),
+    completions = rng.integers(cfg.audio_token_index + 1, cfg.text.vocab_size, (rows, train_new)).astype(np.int32)
+    tb.update(completions=completions,
               completion_mask=(np.arange(train_new)[None] < lengths).astype(np.int32),
               advantages=rng.normal(size=rows).astype(np.float32), weights=np.ones(rows, np.float32))
     train_tokens = int(tb["completion_mask"].sum())

@@ -129,10 +129,11 @@ def abstract_model(cfg: AudioLMConfig) -> AudioLM:
 
 
 def from_hf(hf_dir: str | os.PathLike, *, dtype: str = "bfloat16", param_dtype: str = "float32",
-            mesh: jax.sharding.Mesh | None = None) -> AudioLM:
+            mesh: jax.sharding.Mesh | None = None, remat: bool = False, attention: str = "xla") -> AudioLM:
     """Reads a HF Qwen2-Audio directory (config.json + safetensors) into an AudioLM, tensor by tensor.
 
-    `hf_dir`: a local directory or a Hub id `org/name[@revision]` (see `emorl_jax.hub.resolve`).
+    `hf_dir`: a local directory or a Hub id `org/name[@revision]` (see `emorl_jax.hub.resolve`). `dtype`,
+    `remat` and `attention` are how the run computes (`AudioLMConfig`), not part of the checkpoint.
     Peak host memory is about one stacked param plus one tensor. With a mesh, each param is placed with its
     `sharding.param_shardings` sharding as soon as it is read.
     """
@@ -143,6 +144,7 @@ def from_hf(hf_dir: str | os.PathLike, *, dtype: str = "bfloat16", param_dtype: 
     if not config_file.exists():
         raise CheckpointError(f"{hf_dir}: no config.json")
     cfg = from_hf_config(json.loads(config_file.read_text()), dtype=dtype, param_dtype=param_dtype)
+    cfg = cfg.replace(remat=remat, attention=attention)
     weights = _SafetensorsDir(hf_dir)
     graphdef, abstract = nnx.split(abstract_model(cfg))
     shardings = param_shardings(abstract, mesh) if mesh is not None else None
@@ -240,11 +242,12 @@ def save(model: AudioLM, directory: str | os.PathLike) -> None:
         ckptr.save(directory / "params", nnx.state(model))
 
 
-def restore(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None
-            ) -> AudioLM:
+def restore(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None,
+            remat: bool | None = None, attention: str | None = None) -> AudioLM:
     """Restores a `save`d model (local or `gs://...`), each param placed with its sharding on `mesh` (or on the
-    default device). Raises CheckpointError naming `directory` when it has no model_config.json or params, or when
-    the stored params do not fit model_config.json."""
+    default device). `dtype`, `remat`, `attention`: how this run computes, overriding model_config.json's (None
+    keeps it). Raises CheckpointError naming `directory` when it has no model_config.json or params, or when the
+    stored params do not fit model_config.json."""
     import orbax.checkpoint as ocp
 
     directory = as_path(directory)
@@ -253,8 +256,8 @@ def restore(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = No
     if not (directory / "params").exists():
         raise CheckpointError(f"{directory}: no params (the orbax arrays beside model_config.json)")
     cfg = config_from_json((directory / "model_config.json").read_text())
-    if dtype is not None:
-        cfg = cfg.replace(dtype=dtype)
+    run = {"dtype": dtype, "remat": remat, "attention": attention}
+    cfg = cfg.replace(**{k: v for k, v in run.items() if v is not None})
     graphdef, abstract = nnx.split(abstract_model(cfg))
     if mesh is not None:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
@@ -285,16 +288,17 @@ def model_config(directory: str | os.PathLike) -> AudioLMConfig:
                           f"(config.json){hint}")
 
 
-def load(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtype: str = "bfloat16"
-         ) -> AudioLM:
-    """Any model we read: an orbax model (`save`, local or gs://), a HF Qwen2-Audio directory, or a Hub id."""
+def load(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtype: str = "bfloat16",
+         remat: bool = False, attention: str = "xla") -> AudioLM:
+    """Any model we read: an orbax model (`save`, local or gs://), a HF Qwen2-Audio directory, or a Hub id, set to
+    compute in `dtype` with `remat` and `attention`."""
     from emorl_jax import hub
 
     directory = hub.resolve(directory, what="checkpoint")
     model_config(directory)  # neither kind: the error says so
     if (as_path(directory) / "model_config.json").exists():
-        return restore(directory, mesh=mesh, dtype=dtype)
-    return from_hf(directory, dtype=dtype, mesh=mesh)
+        return restore(directory, mesh=mesh, dtype=dtype, remat=remat, attention=attention)
+    return from_hf(directory, dtype=dtype, mesh=mesh, remat=remat, attention=attention)
 
 
 def _check_stored_shapes(directory, stored, abstract) -> None:

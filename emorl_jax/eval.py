@@ -55,7 +55,7 @@ def evaluate_one(config, ckpt: Path, out_dir: Path, title: str) -> dict:
     ckpt = hub.resolve(ckpt, what="checkpoint")  # a Hub id: its snapshot in the HF cache
     tokenizer = checkpoint_tokenizer(ckpt, FLAGS.tokenizer or config.tokenizer.path)
     check_tokenizer_fits(checkpoint.model_config(ckpt), tokenizer)  # before minutes of reading 7B weights
-    model = checkpoint.load(ckpt, mesh=mesh, dtype=config.model.dtype)
+    model = checkpoint.load(ckpt, mesh=mesh, dtype=config.model.dtype, attention=config.model.attention)
     data = prepare_data(config, out_dir)
     data.audio_window = (model.cfg.audio.num_mel_bins, model.cfg.audio.num_frames / 100.0)  # the checkpoint's
     if not data.eval:

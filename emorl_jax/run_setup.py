@@ -208,11 +208,11 @@ def _train_tokenizer(texts: list[str], path, vocab_size: int) -> None:
 def build_model(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh) -> AudioLM:
     """From a HF snapshot, an orbax checkpoint, or (tiny models) a random init sized to the tokenizer."""
     init = config.init
+    run = dict(dtype=config.model.dtype, remat=config.model.remat, attention=config.model.attention)
     if init.hf_dir:
-        model = checkpoint.from_hf(init.hf_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                                   mesh=mesh)
+        model = checkpoint.from_hf(init.hf_dir, param_dtype=config.model.param_dtype, mesh=mesh, **run)
     elif init.checkpoint:
-        model = checkpoint.restore(init.checkpoint, mesh=mesh, dtype=config.model.dtype)
+        model = checkpoint.restore(init.checkpoint, mesh=mesh, **run)
     else:
         cfg = from_config_dict(config.model)
         if cfg.text.hidden_size >= 1024:

@@ -1,12 +1,12 @@
 """`python -m emorl_jax.train --config=configs/X.py --workdir=DIR [--config.key=value ...]`
 
 Stages: (optional) SFT warm-up on ESR-format targets, then GRPO with ESWR + format rewards; greedy evaluations
-on the held-out split after each stage, printed as a before/after table (`rl.steps=0` stops after SFT). Every `train.checkpoint_every` steps
-(and on SIGTERM) the train state, the data-iterator state and the stage are saved; rerunning the same command
-with the same workdir resumes exactly where it stopped (same next batch, same PRNG stream). The workdir records
-its config (`config.json`): a rerun with a different config refuses to start unless `--resume_with_changes`.
-Bad input (a corpus, clip, checkpoint, config or tokenizer) prints `error: <what>: <problem>` and exits with
-status 2 (`--verbose` shows the traceback).
+on the held-out split after each stage, printed as a before/after table (`rl.steps=0` stops after SFT). Every
+`train.checkpoint_every` steps (and on SIGTERM) the train state, the data-iterator state and the stage are saved;
+rerunning the same command with the same workdir resumes exactly where it stopped (same next batch, same PRNG
+stream). The workdir records its config (`config.json`): a rerun with a different config refuses to start unless
+`--resume_with_changes`. Bad input (a corpus, clip, checkpoint, config or tokenizer) prints `error: <what>:
+<problem>` and exits with status 2 (`--verbose` shows the traceback).
 """
 
 from __future__ import annotations

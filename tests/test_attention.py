@@ -111,7 +111,8 @@ def test_model_with_splash_matches_xla():
 
     (want, want_grads), (got, grads) = logps(xla), logps(kernel)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
-    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves_with_path(want_grads)):
+    leaves = jax.tree_util.tree_leaves_with_path
+    for (path, a), (_, b) in zip(leaves(grads), leaves(want_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * float(jnp.abs(b).max()) + 1e-7,
                                    err_msg=jax.tree_util.keystr(path))
     # the audio encoder (bidirectional over each clip's valid positions)

@@ -161,3 +161,30 @@ def test_7b_abstract_param_count_matches_config_arithmetic():
     assert total == encoder + projector + decoder + lm_head
     assert round(total / 1e9, 2) == 8.40 and round(encoder / 1e9, 2) == 0.64
     assert round((decoder + lm_head) / 1e9, 2) == 7.75
+
+
+def test_run_settings_apply_to_loaded_checkpoints(hf_dir, tmp_path):
+    """remat and model.attention are how a run computes, not part of a checkpoint: the run config's values apply
+    to a model read from HF safetensors (the trainer's build_model, init.hf_dir) or restored from orbax."""
+    from types import SimpleNamespace
+
+    from emorl_jax.config import load_run_config
+    from emorl_jax.models.qwen2 import Attention
+    from emorl_jax.run_setup import build_model
+
+    def settings(model):
+        attention = {m.implementation for _, m in nnx.iter_graph(model) if isinstance(m, Attention)}
+        return model.cfg.remat, model.cfg.attention, model.language_model.remat, attention
+
+    config = load_run_config("tiny_synthetic")
+    config.init.hf_dir = str(hf_dir)
+    config.model.remat, config.model.attention = True, "splash_interpret"
+    cfg = checkpoint.model_config(hf_dir)
+    tokenizer = SimpleNamespace(vocab_size=cfg.text.vocab_size, audio_token_id=cfg.audio_token_index)
+    model = build_model(config, tokenizer, make_mesh((1, -1, 1)))
+    assert settings(model) == (True, "splash_interpret", True, {"splash_interpret"})
+    checkpoint.save(model, tmp_path / "orbax")
+    assert settings(checkpoint.restore(tmp_path / "orbax")) == (True, "splash_interpret", True, {"splash_interpret"})
+    again = checkpoint.load(tmp_path / "orbax", remat=False, attention="xla")
+    assert settings(again) == (False, "xla", False, {"xla"})
+    assert settings(checkpoint.load(hf_dir, remat=True)) == (True, "xla", True, {"xla"})

@@ -45,7 +45,7 @@ def moved_bytes_per_step(hlo: str) -> tuple[int, list[str]]:
     comps = _computations(hlo)
 
     def root_op(comp: str) -> str:
-        root = next((l for l in comps[comp] if l.startswith("ROOT")), "")
+        root = next((line for line in comps[comp] if line.startswith("ROOT")), "")
         m = re.search(r"= \S+ (\w[\w-]*)\(", root)
         return m.group(1) if m else ""
 
@@ -72,7 +72,7 @@ def moved_bytes_per_step(hlo: str) -> tuple[int, list[str]]:
 
     # The decode loop: the entry's while loop without a known trip count (it stops when every row is done).
     entry = next(n for n in comps if n.startswith("main"))
-    outer = next(l for l in comps[entry] if " while(" in l and "known_trip_count" not in l)
+    outer = next(line for line in comps[entry] if " while(" in line and "known_trip_count" not in line)
     found: list[str] = []
     return visit(re.search(r"body=%?([\w.\-]+)", outer).group(1), 1, found), found
 

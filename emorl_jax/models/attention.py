@@ -81,6 +81,29 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *, scale: float
     raise ValueError(f"model.attention={implementation!r}; expected one of {ATTENTION_IMPLEMENTATIONS}")
 
 
+def attend_with_shared_prefix(q, prefix_k, prefix_v, prefix_mask, k, v, mask, *, scale: float) -> jax.Array:
+    """G rows per prompt, each attending to its prompt's keys (stored once per prompt) and to its own keys, under
+    one softmax: both parts' scores share one max, their exponentials one sum (XLA; decode steps and the grouped
+    log-prob pass). Every einsum keeps dot_general's natural output order, so no cache-sized transpose.
+
+    q [P, G, T, KV, R, D] (R query heads per KV head); prefix_k/v [P, KV, S_p, D], prefix_mask [P, S_p] bool;
+    k/v [P, G, KV, S, D], mask [P, G, T, S] bool. Returns [P, G, T, KV, R, D] in fp32."""
+    low = jnp.finfo(jnp.float32).min
+    own = jnp.einsum("pgtkrd,pgksd->pgktrs", q, k, preferred_element_type=jnp.float32) * scale
+    own = jnp.where(mask[:, :, None, :, None, :], own, low)
+    shared = jnp.einsum("pgtkrd,pksd->pkgtrs", q, prefix_k, preferred_element_type=jnp.float32) * scale
+    shared = jnp.where(prefix_mask[:, None, None, None, None, :], shared, low)
+    top = jax.lax.stop_gradient(jnp.maximum(own.max(-1), shared.max(-1).transpose(0, 2, 1, 3, 4)))  # [P, G, KV, T, R]
+    own = jnp.exp(own - top[..., None])
+    shared = jnp.exp(shared - top.transpose(0, 2, 1, 3, 4)[..., None])
+    total = own.sum(-1) + shared.sum(-1).transpose(0, 2, 1, 3, 4)
+    out = jnp.einsum("pgktrs,pgksd->pgktrd", own.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out_shared = jnp.einsum("pkgtrs,pksd->pkgtrd", shared.astype(prefix_v.dtype), prefix_v,
+                            preferred_element_type=jnp.float32)
+    out = (out + out_shared.transpose(0, 2, 1, 3, 4, 5)) / total[..., None]
+    return out.transpose(0, 1, 3, 2, 4, 5)
+
+
 def _splash(q, k, v, mask: Mask, *, scale: float, interpret: bool):
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]

@@ -2,8 +2,8 @@
 
 Matches transformers' `Qwen2AudioEncoder` as `Qwen2AudioModel` calls it, which runs every clip as a full window
 of `2 * max_source_positions` mel frames and masks attention to each clip's valid positions. Ours also takes
-the first F frames of the window (`audio.features.frames_needed`: the batch's longest clip + 2, the frames its conv stem reads):
-the valid outputs are the same, at the cost of F frames instead of the window.
+the first F frames of the window (`audio.features.frames_needed`: the batch's longest clip + the 2 frames its conv
+stem reads past it): the valid outputs are the same, at the cost of F frames instead of the window.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ class AudioEncoder(nnx.Module):
 
     def __call__(self, input_features: jax.Array, num_frames: jax.Array) -> jax.Array:
         a = self.cfg.audio
-        if input_features.ndim != 3 or input_features.shape[1] != a.num_mel_bins or input_features.shape[2] > a.num_frames:
+        shape = input_features.shape
+        if len(shape) != 3 or shape[1] != a.num_mel_bins or shape[2] > a.num_frames:
             raise ValueError(f"input_features must be [clips, {a.num_mel_bins}, frames <= {a.num_frames}] (the "
                              f"audio window or its first frames), got {tuple(input_features.shape)}")
         x = jnp.swapaxes(input_features, 1, 2)  # [N, frames, mel]

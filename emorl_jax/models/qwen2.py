@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emorl_jax.config import AudioLMConfig
-from emorl_jax.models.attention import Mask, attend, grouped_pattern
+from emorl_jax.models.attention import Mask, attend, attend_with_shared_prefix, grouped_pattern
 from emorl_jax.models.layers import Dense, Embed, RMSNorm, scan_layers, stack_layers
 from emorl_jax.sharding import constrain
 
@@ -99,7 +99,8 @@ class Attention(nnx.Module):
 
         prefix: None, or (k, v [layers, P, kv_heads, T_p, head_dim], mask [P, T_p] bool) of a prompt shared by
         G = B / P consecutive rows (cascade attention): every query also attends to its prompt's slots, stored
-        once, one softmax over both (merged by their log-sum-exp). Returns (out [B, T, d], cache_k, cache_v)."""
+        once, one softmax over both (`attention.attend_with_shared_prefix`). Returns (out [B, T, d], cache_k,
+        cache_v)."""
         b, t, _ = x.shape
         rep = self.heads // self.kv_heads
         q, k, v = self._qkv(x, positions)
@@ -109,34 +110,23 @@ class Attention(nnx.Module):
         keys = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False)  # [B, kv_heads, S, head_dim]
         values = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False)
         q = q.reshape(b, t, self.kv_heads, rep, self.head_dim).astype(keys.dtype)
-        # einsum outputs in dot_general's own order (batch dims, then free dims): no transpose of the scores
-        scale, low = self.head_dim**-0.5, jnp.finfo(jnp.float32).min
-        scores = jnp.einsum("btkrd,bksd->bktrs", q, keys, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(mask[:, None, :, None], scores, low)
-        if prefix is None:
+        scale = self.head_dim**-0.5
+        if prefix is None:  # einsums in dot_general's own output order (batch dims, then free dims): no transposes
+            scores = jnp.einsum("btkrd,bksd->bktrs", q, keys, preferred_element_type=jnp.float32) * scale
+            scores = jnp.where(mask[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
             out = jnp.einsum("bktrs,bksd->btkrd", probs, values).astype(x.dtype)
             return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), cache_k, cache_v
         prompt_k, prompt_v, prompt_mask = prefix
-        p = prompt_mask.shape[0]
+        p, slots = prompt_mask.shape[0], keys.shape[2]
         g = b // p
-        pk = jax.lax.dynamic_index_in_dim(prompt_k, layer, keepdims=False)  # [P, kv_heads, T_p, head_dim]
-        pv = jax.lax.dynamic_index_in_dim(prompt_v, layer, keepdims=False)
-        qg = q.reshape(p, g, t, self.kv_heads, rep, self.head_dim)
-        shared = jnp.einsum("pgtkrd,pksd->pkgtrs", qg, pk, preferred_element_type=jnp.float32) * scale
-        shared = jnp.where(prompt_mask[:, None, None, None, None, :], shared, low)
-        # one softmax over [prompt slots, own slots]: a common max, then both parts' exponentials and sums
-        top = jnp.maximum(scores.max(-1), shared.max(-1).transpose(0, 2, 1, 3, 4).reshape(b, self.kv_heads, t, rep))
-        own = jnp.exp(scores - top[..., None])
-        top_shared = top.reshape(p, g, self.kv_heads, t, rep).transpose(0, 2, 1, 3, 4)
-        shared = jnp.exp(shared - top_shared[..., None])
-        total = own.sum(-1) + shared.sum(-1).transpose(0, 2, 1, 3, 4).reshape(b, self.kv_heads, t, rep)
-        out = jnp.einsum("bktrs,bksd->bktrd", own.astype(values.dtype), values, preferred_element_type=jnp.float32)
-        out_shared = jnp.einsum("pkgtrs,pksd->pkgtrd", shared.astype(pv.dtype), pv,
-                                preferred_element_type=jnp.float32)
-        out = out + out_shared.transpose(0, 2, 1, 3, 4, 5).reshape(b, self.kv_heads, t, rep, self.head_dim)
-        out = (out / total[..., None]).transpose(0, 2, 1, 3, 4).astype(x.dtype)  # [B, T, kv_heads, rep, head_dim]
-        return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), cache_k, cache_v
+        per_prompt = lambda a: a.reshape(p, g, *a.shape[1:])
+        out = attend_with_shared_prefix(
+            q.reshape(p, g, t, self.kv_heads, rep, self.head_dim),
+            jax.lax.dynamic_index_in_dim(prompt_k, layer, keepdims=False),  # [P, kv_heads, T_p, head_dim]
+            jax.lax.dynamic_index_in_dim(prompt_v, layer, keepdims=False), prompt_mask,
+            per_prompt(keys), per_prompt(values), mask.reshape(p, g, t, slots), scale=scale)
+        return self.o_proj(out.astype(x.dtype).reshape(b, t, self.heads * self.head_dim)), cache_k, cache_v
 
     def grouped(self, x, positions, prompt_kv, prompt_mask, mask, group_size: int):
         """Completions attending to their shared prompt's keys/values without tiling them (`Qwen2Model.grouped`).
@@ -147,20 +137,13 @@ class Attention(nnx.Module):
         rows, n, _ = x.shape
         b, g, rep = rows // group_size, group_size, self.heads // self.kv_heads
         q, k, v = self._qkv(x, positions)
-        q = q.reshape(b, g, n, self.kv_heads, rep, self.head_dim)
-        k, v = (a.reshape(b, g, n, self.kv_heads, self.head_dim) for a in (k, v))
+        heads_major = lambda a: a.transpose(0, 2, 1, 3)  # [rows, kv_heads, length, head_dim]
+        own = lambda a: heads_major(a).reshape(b, g, self.kv_heads, n, self.head_dim)
         pk, pv = prompt_kv
-        scale = self.head_dim**-0.5
-        to_prompt = jnp.einsum("bgnkrd,btkd->bgkrnt", q, pk, preferred_element_type=jnp.float32) * scale
-        to_own = jnp.einsum("bgnkrd,bgmkd->bgkrnm", q, k, preferred_element_type=jnp.float32) * scale
-        keep = jnp.concatenate([jnp.broadcast_to(prompt_mask[:, None, None, None, None, :], to_prompt.shape),
-                                jnp.broadcast_to(mask.reshape(b, g, 1, 1, n, n), to_own.shape)], axis=-1)
-        scores = jnp.where(keep, jnp.concatenate([to_prompt, to_own], axis=-1), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        t = pk.shape[1]
-        out = (jnp.einsum("bgkrnt,btkd->bgnkrd", probs[..., :t], pv)
-               + jnp.einsum("bgkrnm,bgmkd->bgnkrd", probs[..., t:], v))
-        return self.o_proj(out.reshape(rows, n, self.heads * self.head_dim))
+        out = attend_with_shared_prefix(q.reshape(b, g, n, self.kv_heads, rep, self.head_dim), heads_major(pk),
+                                        heads_major(pv), prompt_mask, own(k), own(v), mask.reshape(b, g, n, n),
+                                        scale=self.head_dim**-0.5)
+        return self.o_proj(out.astype(x.dtype).reshape(rows, n, self.heads * self.head_dim))
 
 
 class MLP(nnx.Module):
@@ -269,8 +252,8 @@ class Qwen2Model(nnx.Module):
         prompt_mask [B, T]) and completion embeds [B*G, N, d] (completion_mask [B*G, N], row b*G + r continues
         prompt b). Equal to running each concatenated row [prompt b, completion r] causally (positions count real
         tokens), at T + G*N instead of G*(T + N) tokens. With a fused attention kernel (`model.attention` not xla)
-        each prompt and its completions run as one packed row under `attention.grouped_pattern`. Returns final-norm hidden states (prompt [B, T, d],
-        completions [B*G, N, d])."""
+        each prompt and its completions run as one packed row under `attention.grouped_pattern`. Returns final-norm
+        hidden states (prompt [B, T, d], completions [B*G, N, d])."""
         (b, t, d), n = prompt.shape, completion.shape[1]
         real = prompt_mask.astype(bool)
         prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
