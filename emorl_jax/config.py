@@ -76,6 +76,9 @@ class AudioLMConfig:
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ConfigError(f"model.attention={self.attention!r}; expected one of {ATTENTION_IMPLEMENTATIONS}")
+        if self.attention == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise ConfigError(f"model.attention=cudnn runs cuDNN's fused attention, which needs model.dtype "
+                              f"bfloat16 or float16, not {self.dtype}")
 
     @property
     def compute_dtype(self):
@@ -326,16 +329,17 @@ def qwen2_audio_7b_run_config():
     c.init.checkpoint = ""   # or its orbax conversion (python -m emorl_jax.convert), faster to restore sharded
     c.tokenizer.path = ""    # set on the command line: the same Hub id or snapshot directory (tokenizer.json)
 
-    # One prompt-length bucket (ours): every GRPO/eval batch is left-padded to 1024 tokens, so the sampler, the
-    # log-prob pass and the update each compile once (a 7B compile costs minutes per shape). The longest prompt
-    # is a full 30 s window: 750 <|AUDIO|> + 27 template tokens (system turn 11, "<|im_start|>user\nAudio 1: "
-    # 8, <|audio_bos|>/<|audio_eos|>/"\n" 3, "<|im_end|>\n<|im_start|>assistant\n" 5) + the ESR instruction:
-    # at least one Qwen2 token per pre-tokenizer piece (127 for MELD's 7 labels, 121 for IEMOCAP's 4), at most
-    # ~190 if long words split (no Qwen2 vocabulary here to count exactly; tests/test_pipeline.py checks both
-    # bounds): 898-970 tokens, over 896, so 1024 = 8 x 128. Clips are ~3-5 s on average (prompts ~300
-    # tokens), so a (384, 1024) pair would cut prompt compute for most batches at the price of twice the
-    # programs; length-sorted windows make short-only batches common enough to try it once compile time allows.
-    c.data.length_buckets = (1024,)
+    # Two prompt-length buckets (ours): each GRPO/eval batch is left-padded to 384 or 1024 tokens, so the sampler,
+    # the log-prob pass and the update each compile twice (a 7B compile costs minutes per shape). The longest
+    # prompt is a full 30 s window: 750 <|AUDIO|> + 27 template tokens (system turn 11, "<|im_start|>user\nAudio
+    # 1: " 8, <|audio_bos|>/<|audio_eos|>/"\n" 3, "<|im_end|>\n<|im_start|>assistant\n" 5) + the ESR
+    # instruction: at least one Qwen2 token per pre-tokenizer piece (127 for MELD's 7 labels, 121 for IEMOCAP's
+    # 4), at most ~190 if long words split (no Qwen2 vocabulary here to count exactly; tests/test_pipeline.py
+    # checks both bounds): 898-970 tokens, over 896, so 1024 = 8 x 128. Clips are ~3-5 s on average, and 384
+    # holds any clip up to 6.5 s (9.4 s with the lower count): length-sorted windows fill it with most batches,
+    # whose prompt part then costs 384 tokens instead of 1024 in the prefill and every log-prob pass, and whose
+    # audio encoder runs over at most ~940 of the window's 3000 mel frames.
+    c.data.length_buckets = (384, 1024)
 
     c.prompt_mode = "esr"  # explicit structured reasoning (paper)
     c.sft.steps = 0        # GRPO straight from the instruct model, no SFT warm-up (ours: none is described)

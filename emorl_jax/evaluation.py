@@ -21,6 +21,7 @@ from emorl_jax import distributed
 from emorl_jax.metrics import compute_metrics, format_table, plot_confusion
 from emorl_jax.rl.rewards import parse_completion
 from emorl_jax.rl.sampler import SamplingParams, make_sampler, rollout_keys
+from emorl_jax.rl.steps import cast_to_compute_dtype
 from emorl_jax.sharding import BATCH_AXES, replicated
 
 PROMPT_KEYS = ("prompt_ids", "prompt_mask", "input_features", "feature_mask")
@@ -47,6 +48,9 @@ class GreedyEvaluator:
         self._rows = -(-batch_size // shards) * shards  # rows of every compiled batch
         self.sample = make_sampler(graphdef, group_size=1, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
                                    params=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+        # the first state (the params) in the compute dtype, once per evaluation: every decode step then reads bf16
+        # weights instead of casting fp32 ones (same outputs; the copy is sharded like the params)
+        self._compute_copy = jax.jit(lambda states: (cast_to_compute_dtype(graphdef, *states), *states[1:]))
         self._keys = None
 
     def _rollout_keys(self) -> jax.Array:
@@ -64,7 +68,7 @@ class GreedyEvaluator:
         """One record per utterance: utt_id, gold, pred (None if unparseable), well_formed, completion.
         `progress`: a tqdm bar with this title over the `total` utterances (process 0 only); "" = none."""
         out = []
-        keys = self._rollout_keys()
+        keys, states = self._rollout_keys(), self._compute_copy(tuple(states))
         with tqdm(total=total, desc=progress, unit="clip", disable=not progress or jax.process_index() != 0) as bar:
             for batch in batches:
                 n = len(batch["prompt_ids"])

@@ -69,9 +69,12 @@ def test_grouped_pattern():
     np.testing.assert_array_equal(p, expected)
 
 
-def test_unknown_implementation_is_a_config_error():
+def test_unknown_or_unsupported_implementation_is_a_config_error():
     with pytest.raises(ConfigError, match="model.attention='flash'"):
         TINY.replace(attention="flash")
+    with pytest.raises(ConfigError, match="cudnn .* needs model.dtype bfloat16 or float16, not float32"):
+        TINY.replace(dtype="float32", attention="cudnn")
+    assert TINY.replace(dtype="bfloat16", attention="cudnn").attention == "cudnn"
 
 
 def _inputs(seed: int):

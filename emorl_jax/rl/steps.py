@@ -82,13 +82,14 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_fraction: f
                        optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mu_dtype=mu_dtype or None))
 
 
-def cast_to_compute_dtype(graphdef, params, frozen):
+def cast_to_compute_dtype(graphdef, params, *others):
     """`params` with every leaf that the model casts to its compute dtype anyway stored cast, so the model's outputs
-    are identical; LayerNorm params, which the model reads in fp32, keep their dtype. `frozen` completes the
-    model (`nnx.merge(graphdef, params, frozen)`). Traceable: elementwise, so the copy is sharded like `params`."""
+    are identical; LayerNorm params, which the model reads in fp32, keep their dtype. `others` (e.g. the frozen
+    params) complete the model (`nnx.merge(graphdef, params, *others)`). Traceable: elementwise, so the copy is
+    sharded like `params`."""
     from emorl_jax.models.layers import LayerNorm
 
-    model = nnx.merge(graphdef, params, frozen)
+    model = nnx.merge(graphdef, params, *others)
     dtype = model.cfg.compute_dtype
     keep = [tuple(map(str, path)) for path, m in nnx.iter_graph(model) if isinstance(m, LayerNorm)]
     keep_leaf = lambda names: any(names[:len(k)] == k for k in keep)
