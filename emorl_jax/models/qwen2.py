@@ -15,6 +15,8 @@ from emorl_jax.sharding import constrain
 HIDDEN = ("batch", "length", "embed")  # logical axes of the hidden states [B, T, d]
 KV = ("batch", "length", "kv_heads", None)  # of keys/values [B, T, kv_heads, head_dim]
 CACHE_KV = ("layers", "batch", "kv_heads", "length", None)  # of the cache [layers, B, kv_heads, S, head_dim]
+DECODE_CHUNK = 64  # a cascade decode step attends over the own slots in whole chunks of this many, up to the last
+                   # written one (`Attention.cached`): a step's cost follows the filled length, not the cache's
 
 
 @flax.struct.dataclass
@@ -120,12 +122,21 @@ class Attention(nnx.Module):
         prompt_k, prompt_v, prompt_mask = prefix
         p, slots = prompt_mask.shape[0], keys.shape[2]
         g = b // p
-        per_prompt = lambda a: a.reshape(p, g, *a.shape[1:])
-        out = attend_with_shared_prefix(
-            q.reshape(p, g, t, self.kv_heads, rep, self.head_dim),
-            jax.lax.dynamic_index_in_dim(prompt_k, layer, keepdims=False),  # [P, kv_heads, T_p, head_dim]
-            jax.lax.dynamic_index_in_dim(prompt_v, layer, keepdims=False), prompt_mask,
-            per_prompt(keys), per_prompt(values), mask.reshape(p, g, t, slots), scale=scale)
+        qg = q.reshape(p, g, t, self.kv_heads, rep, self.head_dim)
+
+        def first(width: int):  # attention over the first `width` own slots: the slots after them are still empty
+            def run(cache_k, cache_v, prompt_k, prompt_v):  # whole buffers in, indexed here: no copy to pass them
+                own = lambda c: jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_index_in_dim(c, layer, keepdims=False),
+                                                             0, width, axis=2).reshape(p, g, self.kv_heads, width, -1)
+                shared = lambda c: jax.lax.dynamic_index_in_dim(c, layer, keepdims=False)  # [P, kv_heads, T_p, hd]
+                return attend_with_shared_prefix(qg, shared(prompt_k), shared(prompt_v), prompt_mask, own(cache_k),
+                                                 own(cache_v), mask[..., :width].reshape(p, g, t, width), scale=scale)
+            return run
+
+        widths = range(DECODE_CHUNK, slots + DECODE_CHUNK, DECODE_CHUNK)
+        branches = [first(min(w, slots)) for w in widths]
+        filled = jnp.clip((index + t - 1) // DECODE_CHUNK, 0, len(branches) - 1)  # chunks holding written slots
+        out = jax.lax.switch(filled, branches, cache_k, cache_v, prompt_k, prompt_v)
         return self.o_proj(out.astype(x.dtype).reshape(b, t, self.heads * self.head_dim)), cache_k, cache_v
 
     def grouped(self, x, positions, prompt_kv, prompt_mask, mask, group_size: int):
