@@ -8,8 +8,8 @@ Qwen2-Audio's 156032-token vocabulary, untied head): 2.2B parameters, random N(0
 - Rollouts: 8 prompts (10 s clip = 250 audio slots + 120 text tokens = 370 tokens) x G=6 x 128 new tokens,
   temperature 1, no EOS, from the bf16 rollout weights (`steps.cast_to_compute_dtype`). Tokens/s; decode ms per
   step = (time at N new tokens - time at 1) / (N - 1); the achieved HBM bandwidth of a decode step = (the
-  decoder's and head's bf16 weights + the prompt KV + all N own KV slots, which each step reads) / its time, as a
-  fraction of `--peak-tbs` (H200: 4.8 TB/s). Decode ms per step at 512 vs 128 new tokens.
+  decoder's and head's bf16 weights + the prompt KV + the own KV slots up to the last filled 64-slot chunk) / its
+  time, as a fraction of `--peak-tbs` (H200: 4.8 TB/s). Decode ms per step at 512 vs 128 new tokens.
 - Train step: reference log-probs + `make_grpo_update` (AdamW, clip 1.0, fp32 params, bf16 compute, remat) on
   4 prompts x G=8 completions of 64..128 tokens; completion tokens/s.
 Every timing is the median of `--repeats` after a warm-up, cuDNN and XLA interleaved; each line prints
@@ -32,6 +32,7 @@ from flax import nnx
 from emorl_jax.config import QWEN2_AUDIO_7B, TextConfig
 from emorl_jax.models.audio_lm import AudioLM
 from emorl_jax.models.lora import split_trainable
+from emorl_jax.models.qwen2 import DECODE_CHUNK
 from emorl_jax.rl.sampler import SamplingParams, make_sampler, rollout_keys
 from emorl_jax.rl.steps import (cast_to_compute_dtype, init_train_state, make_grpo_update, make_logps_fn,
                                 make_optimizer)
@@ -50,13 +51,15 @@ def extra_args(p):
 
 
 def decode_bytes(cfg, params, prompts: int, group: int, prompt_len: int, new: int) -> float:
-    """HBM bytes one decode step reads at least: the rollout copy's decoder layers, final norm and head (the
-    embedding table is gathered, one row per token), the prompt KV once per prompt and all `new` own slots."""
+    """HBM bytes an average decode step reads at least: the rollout copy's decoder layers, final norm and head (the
+    embedding table is gathered, one row per token), the prompt KV once per prompt and each row's own slots up to
+    the last filled chunk (`DECODE_CHUNK`), averaged over the `new` steps."""
     text = params["language_model"]
     weights = sum(x.nbytes for part in (text["layers"], text["norm"], params["lm_head"]) for x in jax.tree.leaves(part))
     t = cfg.text
     kv_slot = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 2  # K and V, bf16
-    return weights + kv_slot * (prompts * prompt_len + prompts * group * new)
+    own = np.mean([min(new, -(-(s + 1) // DECODE_CHUNK) * DECODE_CHUNK) for s in range(new)])
+    return weights + kv_slot * (prompts * prompt_len + prompts * group * own)
 
 
 def main():
