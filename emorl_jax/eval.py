@@ -31,8 +31,6 @@ from emorl_jax.run_setup import check_tokenizer_fits, checkpoint_tokenizer, prep
 from emorl_jax.sharding import make_mesh
 
 DATASETS = ("meld", "iemocap", "ravdess", "savee", "cremad", "tess", "synthetic", "manifest")
-DEFAULT_LABELS = {"meld": "meld", "iemocap": "iemocap4", "synthetic": "synthetic", "ravdess": "cross4",
-                  "savee": "cross4", "cremad": "cross4", "tess": "cross4"}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the run config the model was trained with")
 flags.DEFINE_string("checkpoint", None, "orbax model dir, HF dir, or Hub id org/name[@revision]; may contain {fold}",
@@ -82,7 +80,7 @@ def main(argv):
     config.data.dataset = FLAGS.dataset
     config.data.data_dir = FLAGS.data_dir
     config.data.eval_split = FLAGS.split
-    config.data.labels = FLAGS.labels or DEFAULT_LABELS.get(FLAGS.dataset, config.data.labels)
+    config.data.labels = FLAGS.labels or emotions.DATASET_LABEL_SETS.get(FLAGS.dataset, config.data.labels)
     emotions.label_set(config.data.labels)  # fail early on an unknown name
     out_root = as_path(FLAGS.out or epath.Path(FLAGS.checkpoint.replace("{fold}", "all")) / "eval")  # gs:// too
     folds = [FLAGS.fold] if FLAGS.fold or FLAGS.dataset != "iemocap" else [1, 2, 3, 4, 5]

@@ -209,6 +209,8 @@ def build_model(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh) -> AudioL
     """From a HF snapshot, an orbax checkpoint, or (tiny models) a random init sized to the tokenizer."""
     init = config.init
     run = dict(dtype=config.model.dtype, remat=config.model.remat, attention=config.model.attention)
+    if init.hf_dir or init.checkpoint:  # before minutes of reading 7B weights
+        check_tokenizer_fits(checkpoint.model_config(init.hf_dir or init.checkpoint), tokenizer)
     if init.hf_dir:
         model = checkpoint.from_hf(init.hf_dir, param_dtype=config.model.param_dtype, mesh=mesh, **run)
     elif init.checkpoint:

@@ -188,3 +188,20 @@ def test_run_settings_apply_to_loaded_checkpoints(hf_dir, tmp_path):
     again = checkpoint.load(tmp_path / "orbax", remat=False, attention="xla")
     assert settings(again) == (False, "xla", False, {"xla"})
     assert settings(checkpoint.load(hf_dir, remat=True)) == (True, "xla", True, {"xla"})
+
+
+def test_build_model_checks_the_tokenizer_before_reading_weights(hf_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    from emorl_jax.config import load_run_config
+    from emorl_jax.errors import TokenizerError
+    from emorl_jax.run_setup import build_model
+
+    config = load_run_config("tiny_synthetic")
+    config.init.hf_dir = str(hf_dir)
+    monkeypatch.setattr(checkpoint, "from_hf", lambda *a, **k: pytest.fail("read the weights before the check"))
+    cfg = checkpoint.model_config(hf_dir)
+    tokenizer = SimpleNamespace(vocab_size=cfg.text.vocab_size + 1, audio_token_id=cfg.audio_token_index,
+                                path="tok.json")
+    with pytest.raises(TokenizerError, match=f"tok.json: {cfg.text.vocab_size + 1} tokens, but the model has only"):
+        build_model(config, tokenizer, make_mesh((1, -1, 1)))

@@ -123,6 +123,13 @@ CIRCUMPLEX_D_MAX = 8.0 * math.sqrt(2.0)  # diagonal of the 1-9 valence x arousal
 _NEUTRAL = "neutral"
 
 
+# The label set each corpus is evaluated on by default (`python -m emorl_jax.eval --dataset=...`, notebook 2).
+DATASET_LABEL_SETS: dict[str, str] = {
+    "meld": "meld", "iemocap": "iemocap4", "synthetic": "synthetic", "ravdess": "cross4", "savee": "cross4",
+    "cremad": "cross4", "tess": "cross4",
+}
+
+
 def label_set(name: str) -> tuple[str, ...]:
     """The ordered labels of a task: meld, synthetic, iemocap4, cross4, ravdess, savee, tess, cremad, iemocap_full."""
     if name not in _LABEL_SETS:
