@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-import librosa
 import numpy as np
 
 SAMPLE_RATE = 16000
@@ -121,6 +120,8 @@ def _hann() -> np.ndarray:
 @functools.cache
 def _mel_filters(n_mels: int) -> np.ndarray:
     """Slaney-scale, Slaney-normalised mel filters [n_mels, 1 + n_fft/2] over 0–8 kHz (float64)."""
+    import librosa  # here, not at the top: the model imports this module's frame arithmetic, not librosa
+
     return librosa.filters.mel(
         sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=n_mels, fmin=0.0, fmax=F_MAX, htk=False, norm="slaney", dtype=np.float64
     )
