@@ -140,6 +140,20 @@ def to_ours(hf_model, dtype: str = "float32"):
         return checkpoint.from_hf(d, dtype=dtype, param_dtype="float32")
 
 
+def grpo_batch(cfg: AudioLMConfig, prompts: int, group: int, new: int, seed: int = 0,
+               text_tokens: int = TEXT_TOKENS) -> dict[str, np.ndarray]:
+    """`audio_prompts` plus B*G completions of random length in [new/2, new] (right-padded), advantages, all rows
+    kept (weights 1): one GRPO update's batch."""
+    rng = np.random.default_rng(seed)
+    batch = audio_prompts(cfg, prompts, seed, text_tokens)
+    rows = prompts * group
+    lengths = rng.integers(new // 2, new + 1, (rows, 1))
+    batch.update(completions=rng.integers(cfg.audio_token_index + 1, cfg.text.vocab_size, (rows, new)).astype(np.int32),
+                 completion_mask=(np.arange(new)[None] < lengths).astype(np.int32),
+                 advantages=rng.normal(size=rows).astype(np.float32), weights=np.ones(rows, np.float32))
+    return batch
+
+
 def audio_prompts(cfg: AudioLMConfig, num_prompts: int, seed: int = 0,
                   text_tokens: int = TEXT_TOKENS) -> dict[str, np.ndarray]:
     """Unpadded prompts, each `text_tokens` text ids, one full-window clip's audio slots, `text_tokens` text ids.

@@ -124,13 +124,7 @@ def main():
     mesh = make_mesh((1, -1, 1))
     train_group, train_new = (2, 16) if quick else (8, 128)
     train_prompts = 2 if quick else 4
-    tb = common.audio_prompts(cfg, train_prompts, text_tokens=text)
-    rows = train_prompts * train_group
-    lengths = rng.integers(train_new // 2, train_new + 1, (rows, 1))
-    completions = rng.integers(cfg.audio_token_index + 1, cfg.text.vocab_size, (rows, train_new)).astype(np.int32)
-    tb.update(completions=completions,
-              completion_mask=(np.arange(train_new)[None] < lengths).astype(np.int32),
-              advantages=rng.normal(size=rows).astype(np.float32), weights=np.ones(rows, np.float32))
+    tb = common.grpo_batch(cfg, train_prompts, train_group, train_new, text_tokens=text)
     train_tokens = int(tb["completion_mask"].sum())
     steps = {}
     ref_params = jax.device_put(parts["xla"][1], param_shardings(parts["xla"][1], mesh))

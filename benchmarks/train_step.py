@@ -29,19 +29,6 @@ from emorl_jax.sharding import make_mesh, param_shardings
 CLIP_EPS, BETA, LR = 0.2, 0.04, 1e-5
 
 
-def synthetic_batch(cfg, prompts: int, group: int, new: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Prompts with audio, B*G completions of random length in [new/2, new] (right-padded), advantages,
-    all rows kept (weights 1)."""
-    rng = np.random.default_rng(seed)
-    batch = common.audio_prompts(cfg, prompts, seed)
-    rows = prompts * group
-    lengths = rng.integers(new // 2, new + 1, (rows, 1))
-    batch.update(completions=rng.integers(cfg.audio_token_index + 1, cfg.text.vocab_size, (rows, new)).astype(np.int32),
-                 completion_mask=(np.arange(new)[None] < lengths).astype(np.int32),
-                 advantages=rng.normal(size=rows).astype(np.float32), weights=np.ones(rows, np.float32))
-    return batch
-
-
 def torch_logps(model, b: dict, group: int) -> torch.Tensor:
     """[B*G, N] completion log-probs from transformers' forward on the prompt+completion rows."""
     rep = lambda x: x.repeat_interleave(group, 0)
@@ -99,7 +86,7 @@ def main():
           "tokens, tiny model, fp32, AdamW + clip 1.0")
     hf = common.make_hf_model(cfg)
     model = common.to_ours(hf)
-    batch = synthetic_batch(cfg, prompts, group, new)
+    batch = common.grpo_batch(cfg, prompts, group, new)
     tokens = int(batch["completion_mask"].sum())
 
     mesh = make_mesh((1, -1, 1))

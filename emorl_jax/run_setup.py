@@ -206,10 +206,11 @@ def _train_tokenizer(texts: list[str], path, vocab_size: int) -> None:
 
 
 def build_model(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh) -> AudioLM:
-    """From a HF snapshot, an orbax checkpoint, or (tiny models) a random init sized to the tokenizer."""
+    """From a HF snapshot, an orbax checkpoint (the tokenizer checked against its config before minutes of reading
+    7B weights), or (tiny models) a random init sized to the tokenizer."""
     init = config.init
     run = dict(dtype=config.model.dtype, remat=config.model.remat, attention=config.model.attention)
-    if init.hf_dir or init.checkpoint:  # before minutes of reading 7B weights
+    if init.hf_dir or init.checkpoint:
         check_tokenizer_fits(checkpoint.model_config(init.hf_dir or init.checkpoint), tokenizer)
     if init.hf_dir:
         model = checkpoint.from_hf(init.hf_dir, param_dtype=config.model.param_dtype, mesh=mesh, **run)
@@ -224,7 +225,6 @@ def build_model(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh) -> AudioL
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=tokenizer.vocab_size),
                           audio_token_index=tokenizer.audio_token_id)
         model = AudioLM(cfg, rngs=nnx.Rngs(init.seed))
-    check_tokenizer_fits(model.cfg, tokenizer)
     return model
 
 

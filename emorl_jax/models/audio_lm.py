@@ -39,9 +39,10 @@ def check_audio_slots(input_ids, feature_attention_mask, audio_token_index: int,
     if slots != embeddings:
         raise ValueError(f"the prompt has {slots} <|AUDIO|> tokens but the {len(valid)} audio clip(s) yield "
                          f"{embeddings} audio embeddings; expand each clip's placeholder to its embedding count")
-    if len(valid) and frames.shape[1] < frames_needed(int(valid.max()), window):
+    need = frames_needed(int(valid.max()), window) if len(valid) else 0
+    if frames.shape[1] < need:
         raise ValueError(f"the audio features keep {frames.shape[1]} mel frames but a clip has {valid.max()} valid "
-                         f"frames: keep at least {frames_needed(int(valid.max()), window)} (frames_needed)")
+                         f"frames: keep at least {need} (frames_needed)")
 
 
 class AudioLM(nnx.Module):

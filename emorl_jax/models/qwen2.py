@@ -109,18 +109,18 @@ class Attention(nnx.Module):
         start = (layer, 0, 0, index, 0)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3)[None].astype(cache_k.dtype), start)
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3)[None].astype(cache_v.dtype), start)
-        keys = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False)  # [B, kv_heads, S, head_dim]
-        values = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False)
-        q = q.reshape(b, t, self.kv_heads, rep, self.head_dim).astype(keys.dtype)
+        q = q.reshape(b, t, self.kv_heads, rep, self.head_dim).astype(cache_k.dtype)
         scale = self.head_dim**-0.5
         if prefix is None:  # einsums in dot_general's own output order (batch dims, then free dims): no transposes
+            keys = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False)  # [B, kv_heads, S, head_dim]
+            values = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False)
             scores = jnp.einsum("btkrd,bksd->bktrs", q, keys, preferred_element_type=jnp.float32) * scale
             scores = jnp.where(mask[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
             out = jnp.einsum("bktrs,bksd->btkrd", probs, values).astype(x.dtype)
             return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), cache_k, cache_v
         prompt_k, prompt_v, prompt_mask = prefix
-        p, slots = prompt_mask.shape[0], keys.shape[2]
+        p, slots = prompt_mask.shape[0], cache_k.shape[3]
         g = b // p
         qg = q.reshape(p, g, t, self.kv_heads, rep, self.head_dim)
 
@@ -266,7 +266,6 @@ class Qwen2Model(nnx.Module):
         each prompt and its completions run as one packed row under `attention.grouped_pattern`. Returns final-norm
         hidden states (prompt [B, T, d], completions [B*G, N, d])."""
         (b, t, d), n = prompt.shape, completion.shape[1]
-        real = prompt_mask.astype(bool)
         prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
         before = jnp.repeat(prompt_mask.sum(-1, keepdims=True), group_size, axis=0)  # real prompt tokens per row
         positions = before + jnp.maximum(jnp.cumsum(completion_mask, axis=-1) - 1, 0)
@@ -279,7 +278,7 @@ class Qwen2Model(nnx.Module):
                                remat=self.remat)
             x = self.norm(x)
             return x[:, :t], x[:, t:].reshape(b * group_size, n, d)
-        causal_prompt = Mask.causal(prompt_mask)
+        causal_prompt, real = Mask.causal(prompt_mask), prompt_mask.astype(bool)
         causal = jnp.tril(jnp.ones((n, n), bool))[None] & completion_mask.astype(bool)[:, None, :]
 
         def step(layer, carry, _):
